@@ -1,0 +1,155 @@
+"""The JetMoe network over a flat, ragged batch with a paged KV cache.
+
+embedding -> N x (RMSNorm, mixture-of-attention, RMSNorm, mixture-of-MLP-experts) -> RMSNorm -> tied lm_head.
+Module and parameter names follow the Hugging Face checkpoint so its state dict loads as is.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.attention import AttentionBackend, TorchPagedAttention
+from model.attention_metadata import AttentionMetadata
+from model.config import JetMoeModelConfig
+from model.moe import MoAExperts, MoEMLP
+
+# The per-layer norms of JetMoe use this epsilon whatever config.json says; only the final norm reads it.
+LAYER_NORM_EPS = 1e-6
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with the variance computed in float32."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()  # [T, D]
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate-half rotary embedding over the whole head, frequencies in float32."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.theta = theta
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # Recomputed per step (a few dozen values) so that the module holds no state to initialise.
+        steps = torch.arange(0, self.head_dim, 2, dtype=torch.float, device=positions.device)
+        inv_freq = 1.0 / (self.theta ** (steps / self.head_dim))  # [Dh/2]
+        freqs = positions[:, None].float() * inv_freq[None, :]  # [T, Dh/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [T, Dh]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[T, ..., Dh]`` rotated by ``cos``/``sin`` ``[T, Dh]``."""
+    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[1],)
+    cos, sin = cos.view(shape), sin.view(shape)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class MixtureOfAttention(nn.Module):
+    """JetMoe attention: shared K/V projection, per-expert query and output projections."""
+
+    def __init__(self, config: JetMoeModelConfig, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.scale = config.head_dim**-0.5
+        self.backend = backend
+        self.kv_proj = nn.Linear(config.hidden_size, 2 * config.kv_size, bias=False)
+        self.experts = MoAExperts(config.hidden_size, config.kv_size, config.num_experts, config.top_k)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        tokens = x.shape[0]
+        q, routing = self.experts.map(x)  # [T, K, Hkv*Dh]
+        q = q.view(tokens, -1, self.num_kv_heads, self.head_dim)  # [T, K, Hkv, Dh]
+        k, v = self.kv_proj(x).chunk(2, dim=-1)  # [T, Hkv*Dh] each
+        k = k.reshape(tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, Dh]
+        v = v.reshape(tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, Dh]
+        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        self.backend.write_kv(kv_cache, k, v, meta)
+        attn = self.backend.attend(q, k, v, kv_cache, meta, self.scale)  # [T, K, Hkv, Dh]
+        return self.experts.reduce(attn.reshape(tokens, q.shape[1], -1), routing)  # [T, D]
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: attention experts then MLP experts."""
+
+    def __init__(self, config: JetMoeModelConfig, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, LAYER_NORM_EPS)
+        self.self_attention = MixtureOfAttention(config, backend)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, LAYER_NORM_EPS)
+        self.mlp = MoEMLP(config.hidden_size, config.intermediate_size, config.num_experts, config.top_k)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        x = x + self.self_attention(self.input_layernorm(x), rotary, kv_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class JetMoeBackbone(nn.Module):
+    """Embedding, decoder layers and final norm (the ``model.`` prefix of the checkpoint)."""
+
+    def __init__(self, config: JetMoeModelConfig, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, backend) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+
+
+class JetMoeForCausalLM(nn.Module):
+    """JetMoe causal LM. ``forward`` runs one flat batch through the paged cache and returns logits."""
+
+    def __init__(self, config: JetMoeModelConfig, backend: AttentionBackend | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.model = JetMoeBackbone(config, backend or TorchPagedAttention())
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def output_weight(self) -> torch.Tensor:
+        """The ``[V, D]`` output projection (the embedding when tied)."""
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.weight
+        return self.lm_head.weight
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Logits ``[N, V]`` at ``meta.logits_indices`` for ``input_ids``/``positions`` ``[T]``."""
+        x = self.model.embed_tokens(input_ids)  # [T, D]
+        rotary = self.model.rotary(positions, x.dtype)
+        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
+            x = layer(x, rotary, kv_cache, meta)
+        h = self.model.norm(x[meta.logits_indices])  # [N, D]
+        return F.linear(h, self.output_weight())  # [N, V]
