@@ -65,11 +65,12 @@ def build_flat_batch(
     block_size: int,
     device: torch.device | str = "cpu",
     all_logits: bool = False,
+    logits_indices: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, AttentionMetadata]:
     """Positions ``[T]`` and attention metadata for a ragged batch.
 
-    ``all_logits`` asks for logits at every token (prompt logprobs); otherwise only the last token of each
-    sequence gets logits.
+    Logits are computed at ``logits_indices`` (flat token indices) when given, at every token with
+    ``all_logits``, and otherwise at the last token of each sequence.
     """
     _check_batch(query_lens, context_lens, block_tables, block_size)
     num_seqs = len(query_lens)
@@ -86,7 +87,10 @@ def build_flat_batch(
     positions = torch.arange(total) - starts[seq_of_token] + (ctx_lens - q_lens)[seq_of_token]  # [T]
     blocks = tables[seq_of_token, positions // block_size]  # [T]
     slots = blocks * block_size + positions % block_size  # [T]
-    logits_idx = torch.arange(total) if all_logits else starts[1:] - 1  # [N]
+    if logits_indices is not None:
+        logits_idx = torch.tensor(logits_indices, dtype=torch.int64)  # [N]
+    else:
+        logits_idx = torch.arange(total) if all_logits else starts[1:] - 1  # [N]
     meta = AttentionMetadata(
         block_size=block_size,
         query_lens=tuple(int(q) for q in query_lens),

@@ -39,3 +39,16 @@ def llama_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def llama_tokenizer(llama_tokenizer_dir: Path) -> Tokenizer:
     """The trained tokenizer loaded through `Tokenizer.from_dir`."""
     return Tokenizer.from_dir(llama_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def engine_checkpoint(tmp_path_factory: pytest.TempPathFactory, llama_tokenizer_dir: Path):
+    """A random JetMoe checkpoint with the trained tokenizer: ``(directory, transformers model)``."""
+    from tests.checkpoints import TinyShape, save_checkpoint
+
+    out = tmp_path_factory.mktemp("engine_ckpt")
+    tokenizer = Tokenizer.from_dir(llama_tokenizer_dir)
+    shape = TinyShape(vocab_size=tokenizer.vocab_size, num_hidden_layers=2)
+    hf = save_checkpoint(shape, out, seed=3)
+    tokenizer.hf.save_pretrained(out)
+    return out, hf

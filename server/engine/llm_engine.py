@@ -1,0 +1,226 @@
+"""Synchronous engine: ``add_request`` / ``step`` / ``abort`` over scheduler, runner and detokenizer."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from model.jetmoe import JetMoeForCausalLM
+from model.loader import load_model
+from model.tokenizer import Tokenizer
+from server.engine.block_manager import BlockManager
+from server.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
+from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.request import Request, RequestOutput, TokenLogprob
+from server.engine.runner import ModelRunner, kv_blocks_for_memory
+from server.engine.sampler import SamplerOutput, make_generator
+from server.engine.sampling_params import SamplingParams
+from server.engine.scheduler import Scheduler, SchedulerConfig
+
+logger = logging.getLogger(__name__)
+
+
+class RequestRejected(ValueError):
+    """A request that can never be served as asked (the API answers 400)."""
+
+    def __init__(self, message: str, code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.param = param
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+
+
+class LLMEngine:
+    """Keeps many requests moving on one model; each gets exactly the tokens it would get alone."""
+
+    def __init__(self, config: EngineConfig, model: JetMoeForCausalLM, tokenizer: Tokenizer) -> None:
+        self.config = config
+        self.model = model
+        self.tokenizer = tokenizer
+        num_blocks = _num_kv_blocks(config, model)
+        self.max_model_len = min(config.max_model_len or model.config.max_position_embeddings,
+                                 model.config.max_position_embeddings)
+        if num_blocks * config.block_size < self.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {num_blocks * config.block_size} tokens, fewer than max_model_len "
+                f"{self.max_model_len}: lower --max-model-len or give the cache more memory"
+            )
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len), self.blocks
+        )
+        self.runner = ModelRunner(model, num_blocks, config.block_size)
+        self._requests: dict[str, list[Request]] = {}
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> LLMEngine:
+        """Load the checkpoint and tokenizer named by ``config.model``."""
+        model = load_model(config.model, dtype=config.dtype, device=config.device)
+        return cls(config, model, Tokenizer.from_dir(config.model))
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.blocks.num_blocks
+
+    def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        """Raise ``RequestRejected``/``SamplingParamsError`` for a request that cannot be served."""
+        vocab = self.model.config.vocab_size
+        if not prompt_ids:
+            raise RequestRejected("the prompt is empty", param="prompt")
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise RequestRejected(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        params.validate_vocab(vocab)
+        total = len(prompt_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise RequestRejected(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{total} tokens ({len(prompt_ids)} in the prompt, {params.max_tokens} for the completion). "
+                "Please reduce the prompt or max_tokens.",
+                code="context_length_exceeded",
+                param="max_tokens",
+            )
+
+    def add_request(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        """Queue ``params.n`` samples of one prompt; raises for invalid requests."""
+        if request_id in self._requests:
+            raise RequestRejected(f"duplicate request id {request_id!r}")
+        self.validate(prompt_ids, params)
+        children = [self._new_request(request_id, i, list(prompt_ids), params) for i in range(params.n)]
+        self._requests[request_id] = children
+        for child in children:
+            self.scheduler.add(child)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request (all its samples) and free its blocks at once."""
+        for request in self._requests.pop(request_id, []):
+            self.scheduler.finish(request, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, sample, detokenize; returns one delta per sampling request."""
+        step = self.scheduler.schedule()
+        if not step.scheduled:
+            return []
+        try:
+            sampled = self.runner.execute(step)
+        except Exception as exc:  # a failed step fails its requests; the engine keeps serving the rest
+            logger.exception("engine step failed")
+            self.blocks.reset_prefix_cache()  # blocks registered this step may hold garbage
+            return [self._fail(s.request, exc) for s in step.scheduled]
+        outputs = []
+        for item in step.scheduled:
+            request = item.request
+            request.num_computed_tokens += item.num_new_tokens
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
+            if request.key in sampled:
+                outputs.append(self._append_token(request, sampled[request.key]))
+        return outputs
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=self.blocks.usage,
+            prefix_cache_queries=self.blocks.prefix_cache_queries,
+            prefix_cache_hits=self.blocks.prefix_cache_hits,
+            num_preemptions=self.scheduler.num_preemptions,
+        )
+
+    def _new_request(self, request_id: str, index: int, prompt_ids: list[int], params: SamplingParams) -> Request:
+        generator = None
+        if params.seed is not None:
+            generator = make_generator(params.seed + index, self.runner.device)
+        detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop, params.skip_special_tokens)
+        return Request(request_id, index, prompt_ids, params, detok, generator)
+
+    def _append_token(self, request: Request, sampled: SamplerOutput) -> RequestOutput:
+        try:
+            return self._process_token(request, sampled)
+        except Exception as exc:  # e.g. a detokenizer failure: fail this request only
+            logger.exception("processing request %s failed", request.request_id)
+            return self._fail(request, exc)
+
+    def _process_token(self, request: Request, sampled: SamplerOutput) -> RequestOutput:
+        token = sampled.token_ids[0]
+        request.output_ids.append(token)
+        params = request.params
+        reason, text = None, ""
+        if (token == self.tokenizer.eos_token_id and not params.ignore_eos) or token in params.stop_token_ids:
+            reason = "stop"
+        else:
+            delta = request.detokenizer.add_tokens([token])
+            text = delta.text
+            reason = "stop" if delta.stopped else None
+        if reason is None and (len(request.output_ids) >= params.max_tokens or request.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is not None and not request.detokenizer.stopped:
+            text += request.detokenizer.flush()
+        output = self._output(request, [token], text, reason)
+        output.logprobs = _token_logprobs(token, sampled) if params.logprobs is not None else None
+        if reason is not None:
+            self._finish(request, reason)
+        return output
+
+    def _output(self, request: Request, tokens: list[int], text: str, reason: str | None) -> RequestOutput:
+        first = len(request.output_ids) == len(tokens)
+        return RequestOutput(
+            request_id=request.request_id,
+            index=request.index,
+            new_token_ids=tokens,
+            new_text=text,
+            finished=reason is not None,
+            finish_reason=reason,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_output_tokens=len(request.output_ids),
+            num_cached_tokens=request.num_cached_tokens,
+            prompt_logprobs=list(request.prompt_logprobs) if first and request.wants_prompt_logprobs else None,
+        )
+
+    def _finish(self, request: Request, reason: str) -> None:
+        self.scheduler.finish(request, reason)
+        siblings = self._requests.get(request.request_id, [])
+        if all(r.is_finished for r in siblings):
+            self._requests.pop(request.request_id, None)
+
+    def _fail(self, request: Request, exc: Exception) -> RequestOutput:
+        self._finish(request, "error")
+        output = self._output(request, [], "", "error")
+        output.error = f"{type(exc).__name__}: {exc}"
+        return output
+
+
+def _token_logprobs(token: int, sampled: SamplerOutput) -> list[TokenLogprob]:
+    value = sampled.logprobs[0] if sampled.logprobs else float("nan")
+    top = sampled.top_logprobs[0] if sampled.top_logprobs else []
+    return [TokenLogprob(token, value, top)]
+
+
+def _num_kv_blocks(config: EngineConfig, model: JetMoeForCausalLM) -> int:
+    if config.num_kv_blocks is not None:
+        return config.num_kv_blocks
+    weight = model.output_weight()
+    if weight.device.type == "cuda" and config.kv_cache_memory is None:
+        free, _ = torch.cuda.mem_get_info(weight.device)
+        memory = int(free * config.gpu_memory_utilization)
+    else:
+        memory = config.kv_cache_memory or DEFAULT_CPU_KV_CACHE_BYTES
+    blocks = kv_blocks_for_memory(model, config.block_size, memory, weight.dtype)
+    if blocks < 1:
+        raise ValueError(f"{memory} bytes of KV cache memory hold no block of {config.block_size} tokens")
+    return blocks
