@@ -51,8 +51,9 @@ class LLMEngine:
         self.model = model
         self.tokenizer = tokenizer
         num_blocks = _num_kv_blocks(config, model)
-        self.max_model_len = min(config.max_model_len or model.config.max_position_embeddings,
-                                 model.config.max_position_embeddings)
+        self.max_model_len = min(
+            config.max_model_len or model.config.max_position_embeddings, model.config.max_position_embeddings
+        )
         if num_blocks * config.block_size < self.max_model_len:
             raise ValueError(
                 f"the KV cache holds {num_blocks * config.block_size} tokens, fewer than max_model_len "
@@ -60,7 +61,8 @@ class LLMEngine:
             )
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len), self.blocks
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len),
+            self.blocks,
         )
         self.runner = ModelRunner(model, num_blocks, config.block_size)
         self._requests: dict[str, list[Request]] = {}
@@ -142,7 +144,9 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
         )
 
-    def _new_request(self, request_id: str, index: int, prompt_ids: list[int], params: SamplingParams) -> Request:
+    def _new_request(
+        self, request_id: str, index: int, prompt_ids: list[int], params: SamplingParams
+    ) -> Request:
         generator = None
         if params.seed is not None:
             generator = make_generator(params.seed + index, self.runner.device)
@@ -167,7 +171,9 @@ class LLMEngine:
             delta = request.detokenizer.add_tokens([token])
             text = delta.text
             reason = "stop" if delta.stopped else None
-        if reason is None and (len(request.output_ids) >= params.max_tokens or request.num_tokens >= self.max_model_len):
+        if reason is None and (
+            len(request.output_ids) >= params.max_tokens or request.num_tokens >= self.max_model_len
+        ):
             reason = "length"
         if reason is not None and not request.detokenizer.stopped:
             text += request.detokenizer.flush()
@@ -189,7 +195,9 @@ class LLMEngine:
             num_prompt_tokens=request.num_prompt_tokens,
             num_output_tokens=len(request.output_ids),
             num_cached_tokens=request.num_cached_tokens,
-            prompt_logprobs=list(request.prompt_logprobs) if first and request.wants_prompt_logprobs else None,
+            prompt_logprobs=list(request.prompt_logprobs)
+            if first and request.wants_prompt_logprobs
+            else None,
         )
 
     def _finish(self, request: Request, reason: str) -> None:

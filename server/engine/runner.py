@@ -33,7 +33,9 @@ class StepInputs:
     prompt_rows: list[tuple[ScheduledRequest, int, int]]  # request, first logits row, first prompt position
 
 
-def kv_blocks_for_memory(model: JetMoeForCausalLM, block_size: int, memory_bytes: int, dtype: torch.dtype) -> int:
+def kv_blocks_for_memory(
+    model: JetMoeForCausalLM, block_size: int, memory_bytes: int, dtype: torch.dtype
+) -> int:
     """How many KV blocks fit in ``memory_bytes``."""
     c = model.config
     per_block = kv_cache_bytes_per_block(c.num_layers, block_size, c.num_kv_heads, c.head_dim, dtype)
@@ -61,8 +63,12 @@ class ModelRunner:
         """
         inputs = self._prepare(step.scheduled)
         positions, meta = build_flat_batch(
-            inputs.query_lens, inputs.context_lens, inputs.block_tables, self.block_size,
-            device=self.device, logits_indices=inputs.logits_indices,
+            inputs.query_lens,
+            inputs.context_lens,
+            inputs.block_tables,
+            self.block_size,
+            device=self.device,
+            logits_indices=inputs.logits_indices,
         )
         ids = torch.tensor(inputs.token_ids, dtype=torch.long, device=self.device)  # [T]
         logits = self.model(ids, positions, self.kv_caches, meta)  # [N, V]
@@ -86,7 +92,9 @@ class ModelRunner:
             first_prompt = max(start, len(request.prompt_logprobs) - 1)
             if request.wants_prompt_logprobs and first_prompt < min(end, request.num_prompt_tokens - 1):
                 inputs.prompt_rows.append((item, len(inputs.logits_indices), first_prompt))
-                inputs.logits_indices.extend(range(flat_start + first_prompt - start, flat_start + end - start))
+                inputs.logits_indices.extend(
+                    range(flat_start + first_prompt - start, flat_start + end - start)
+                )
             elif item.completes:
                 inputs.logits_indices.append(flat_start + end - start - 1)
             if item.completes:
