@@ -52,3 +52,12 @@ def engine_checkpoint(tmp_path_factory: pytest.TempPathFactory, llama_tokenizer_
     hf = save_checkpoint(shape, out, seed=3)
     tokenizer.hf.save_pretrained(out)
     return out, hf
+
+
+@pytest.fixture(scope="module")
+def api_server(engine_checkpoint):
+    """A live OpenAI-compatible server on the tiny checkpoint, shared by one test module."""
+    from tests.live_server import live_server
+
+    with live_server(engine_checkpoint[0]) as server:
+        yield server

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -128,8 +127,6 @@ class LLMEngine:
         for item in step.scheduled:
             request = item.request
             request.num_computed_tokens += item.num_new_tokens
-            if request.first_scheduled_time is None:
-                request.first_scheduled_time = time.monotonic()
             if request.key in sampled:
                 outputs.append(self._append_token(request, sampled[request.key]))
         return outputs
@@ -195,9 +192,8 @@ class LLMEngine:
             num_prompt_tokens=request.num_prompt_tokens,
             num_output_tokens=len(request.output_ids),
             num_cached_tokens=request.num_cached_tokens,
-            prompt_logprobs=list(request.prompt_logprobs)
-            if first and request.wants_prompt_logprobs
-            else None,
+            prompt_logprobs=list(request.prompt_logprobs) if first and request.wants_prompt_logprobs else None,
+            queue_time=_queue_time(request) if first else None,
         )
 
     def _finish(self, request: Request, reason: str) -> None:
@@ -211,6 +207,12 @@ class LLMEngine:
         output = self._output(request, [], "", "error")
         output.error = f"{type(exc).__name__}: {exc}"
         return output
+
+
+def _queue_time(request: Request) -> float | None:
+    if request.first_scheduled_time is None:
+        return None
+    return request.first_scheduled_time - request.arrival_time
 
 
 def _token_logprobs(token: int, sampled: SamplerOutput) -> list[TokenLogprob]:

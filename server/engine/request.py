@@ -100,4 +100,5 @@ class RequestOutput:
     num_cached_tokens: int = 0
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    queue_time: float | None = None  # seconds from arrival to first scheduling, on a sample's first delta
     error: str | None = None

@@ -9,6 +9,7 @@ zero computed tokens. Prefix-cache hits simply start ``num_computed_tokens`` hig
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -122,6 +123,8 @@ class Scheduler:
                 request.num_cached_tokens = num_cached
             request.num_computed_tokens = num_cached
             request.status = RequestStatus.RUNNING
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
             self.running.append(request)
             scheduled.append(self._scheduled(request, num_new))
             budget -= num_new

@@ -1,0 +1,52 @@
+"""The FastAPI application: ``create_app(engine, settings)``; all state lives on ``app.state.api``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from server.api import routes_chat, routes_completions, routes_misc
+from server.api.auth import ApiKeyMiddleware
+from server.api.errors import install_error_handlers
+from server.api.settings import ServerSettings
+from server.api.state import AppState
+from server.engine.async_engine import AsyncEngine
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
+    """An OpenAI-compatible app over a started ``engine``; the app shuts the engine down when it stops."""
+    state = AppState(engine, settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await drain_and_stop(state)
+
+    app = FastAPI(title="jetmoe-serve", summary="OpenAI-compatible JetMoe inference server", lifespan=lifespan)
+    app.state.api = state
+    install_error_handlers(app)
+    if settings.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+    for module in (routes_completions, routes_chat, routes_misc):
+        app.include_router(module.router)
+    return app
+
+
+def begin_drain(app: FastAPI) -> None:
+    """Stop admitting requests (503, and /health answers 503); in-flight ones keep running."""
+    app.state.api.draining = True
+
+
+async def drain_and_stop(state: AppState) -> None:
+    """Wait for in-flight requests (up to the drain timeout), then stop the engine (aborting the rest)."""
+    state.draining = True
+    if not await state.wait_idle(state.settings.drain_timeout):
+        logger.warning("%d request(s) still running after %.0f s; aborting them",
+                       state.num_in_flight, state.settings.drain_timeout)
+    await asyncio.to_thread(state.engine.shutdown)

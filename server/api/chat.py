@@ -1,0 +1,133 @@
+"""``/v1/chat/completions``: messages -> the checkpoint's chat template -> engine request -> chat objects."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi.responses import JSONResponse, Response
+from starlette.requests import Request
+
+from server.api.errors import APIError
+from server.api.generation import (
+    EngineCall,
+    SampleResult,
+    UsageCounter,
+    collect,
+    prepare_calls,
+    run_unless_disconnected,
+    stream_outputs,
+)
+from server.api.logprobs import chat_logprobs
+from server.api.params import sampling_params
+from server.api.schemas import (
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessage,
+    ChatResponseMessage,
+)
+from server.api.state import AppState
+from server.api.streaming import sse_response
+from server.engine.request import RequestOutput
+from server.engine.sampling_params import MAX_LOGPROBS, SamplingParams
+
+
+@dataclass
+class _Job:
+    id: str
+    created: int
+    body: ChatCompletionRequest
+    calls: list[EngineCall]
+
+    @property
+    def top_n(self) -> int | None:
+        """Alternatives per token, or None when logprobs were not asked for."""
+        return (self.body.top_logprobs or 0) if self.body.logprobs else None
+
+
+async def create_chat_completion(state: AppState, body: ChatCompletionRequest, request: Request) -> Response:
+    state.check_model(body.model)
+    prompt_ids = render_messages(state, body.messages, body.add_generation_prompt)
+    params = chat_params(body, state.max_model_len - len(prompt_ids))
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    job = _Job(request_id, int(time.time()), body, prepare_calls(state, request_id, [prompt_ids], params))
+    if body.stream:
+        return sse_response(_stream(state, job), state.settings.drain_timeout)
+    results = await run_unless_disconnected(request, collect(stream_outputs(state, job.calls)))
+    return JSONResponse(_response(state, job, results).model_dump())
+
+
+def render_messages(state: AppState, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
+    """Token ids of the chat prompt rendered with the checkpoint's template."""
+    plain = [{"role": m.role, "content": m.text()} for m in messages]
+    try:
+        return state.llm.tokenizer.apply_chat_template(plain, add_generation_prompt=add_generation_prompt)
+    except Exception as exc:  # a template may raise on conversations it does not support
+        raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from exc
+
+
+def chat_params(body: ChatCompletionRequest, room: int) -> SamplingParams:
+    """Engine parameters; without a limit the answer may fill the rest of the context."""
+    if body.top_logprobs is not None:
+        if not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs to be true", param="top_logprobs")
+        if not 0 <= body.top_logprobs <= MAX_LOGPROBS:
+            raise APIError(400, f"top_logprobs must be in [0, {MAX_LOGPROBS}]", param="top_logprobs")
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    if max_tokens is None:
+        max_tokens = max(room, 1)
+    return sampling_params(body, n=body.n, max_tokens=max_tokens,
+                           logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+
+
+def _response(state: AppState, job: _Job, results: dict[tuple[int, int], SampleResult]) -> ChatCompletionResponse:
+    usage = UsageCounter(job.calls)
+    choices = []
+    for (_, index), sample in sorted(results.items()):
+        usage.set(0, index, sample.num_output_tokens)
+        logprobs = None
+        if job.top_n is not None:
+            logprobs = {"content": chat_logprobs(state.texts, sample.logprobs, job.top_n)}
+        choices.append(ChatChoice(index=index, message=ChatResponseMessage(content=sample.text),
+                                  logprobs=logprobs, finish_reason=sample.finish_reason))
+    return ChatCompletionResponse(id=job.id, created=job.created, model=state.settings.served_model_name,
+                                  choices=choices, usage=usage.usage())
+
+
+async def _stream(state: AppState, job: _Job) -> AsyncIterator[dict[str, Any]]:
+    usage = UsageCounter(job.calls)
+    for index in range(job.body.n):
+        yield _chunk(state, job, [_choice(index, {"role": "assistant", "content": ""}, None, None)])
+    async for p, output in stream_outputs(state, job.calls):
+        usage.add(p, output)
+        choice = _delta_choice(state, job, output)
+        if choice is not None:
+            yield _chunk(state, job, [choice])
+    if job.body.include_usage:
+        yield _chunk(state, job, [], usage.usage().model_dump())
+
+
+def _delta_choice(state: AppState, job: _Job, output: RequestOutput) -> dict[str, Any] | None:
+    logprobs = None
+    if job.top_n is not None and output.logprobs:
+        logprobs = {"content": chat_logprobs(state.texts, output.logprobs, job.top_n)}
+    if not output.new_text and not output.finished and logprobs is None:
+        return None
+    delta = {"content": output.new_text} if output.new_text or logprobs else {}
+    reason = output.finish_reason if output.finished else None
+    return _choice(output.index, delta, logprobs, reason)
+
+
+def _choice(index: int, delta: dict[str, Any], logprobs: dict[str, Any] | None,
+            reason: str | None) -> dict[str, Any]:
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+
+
+def _chunk(state: AppState, job: _Job, choices: list[dict[str, Any]],
+           usage: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"id": job.id, "object": "chat.completion.chunk", "created": job.created,
+            "model": state.settings.served_model_name, "choices": choices, "usage": usage}

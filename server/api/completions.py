@@ -1,0 +1,182 @@
+"""``/v1/completions``: prompts -> engine requests -> legacy completion objects (whole or streamed)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi.responses import JSONResponse, Response
+from starlette.requests import Request
+
+from server.api.errors import APIError
+from server.api.generation import (
+    EngineCall,
+    SampleResult,
+    UsageCounter,
+    collect,
+    prepare_calls,
+    run_unless_disconnected,
+    stream_outputs,
+)
+from server.api.logprobs import completion_logprobs
+from server.api.params import sampling_params
+from server.api.schemas import CompletionChoice, CompletionRequest, CompletionResponse
+from server.api.state import AppState
+from server.api.streaming import sse_response
+from server.engine.request import RequestOutput, TokenLogprob
+from server.engine.sampling_params import MAX_N, SamplingParams
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    text: str
+
+
+@dataclass
+class _Job:
+    """One completion request, resolved: id, prompts, engine parameters and the shape of the answer."""
+
+    id: str
+    created: int
+    body: CompletionRequest
+    prompts: list[Prompt]
+    params: SamplingParams
+    calls: list[EngineCall]
+
+    @property
+    def n(self) -> int:
+        return self.body.n
+
+
+async def create_completion(state: AppState, body: CompletionRequest, request: Request) -> Response:
+    state.check_model(body.model)
+    prompts = parse_prompts(state, body.prompt)
+    params = completion_params(body)
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    calls = prepare_calls(state, request_id, [p.ids for p in prompts], params)
+    job = _Job(request_id, int(time.time()), body, prompts, params, calls)
+    if body.stream:
+        return sse_response(_stream(state, job), state.settings.drain_timeout)
+    results = await run_unless_disconnected(request, collect(stream_outputs(state, calls)))
+    return JSONResponse(_response(state, job, results).model_dump())
+
+
+def parse_prompts(state: AppState, prompt: str | list[Any]) -> list[Prompt]:
+    """A string, a list of strings, a list of token ids, or a list of token id lists."""
+    tokenizer = state.llm.tokenizer
+    if isinstance(prompt, str):
+        return [Prompt(tokenizer.encode(prompt), prompt)]
+    if not prompt:
+        raise APIError(400, "prompt must not be empty", param="prompt")
+    if isinstance(prompt[0], str):
+        return [Prompt(tokenizer.encode(p), p) for p in prompt]
+    lists = [prompt] if isinstance(prompt[0], int) else prompt
+    if any(not ids for ids in lists):
+        raise APIError(400, "a token id prompt must not be empty", param="prompt")
+    vocab = state.llm.model.config.vocab_size
+    if any(not 0 <= t < vocab for ids in lists for t in ids):
+        raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+    return [Prompt(list(ids), tokenizer.decode(ids)) for ids in lists]
+
+
+def completion_params(body: CompletionRequest) -> SamplingParams:
+    """Engine parameters; with ``best_of`` > n the engine draws best_of samples with logprobs."""
+    if body.suffix:
+        raise APIError(400, "suffix is not supported", param="suffix")
+    best_of = body.n if body.best_of is None else body.best_of
+    if not isinstance(best_of, int) or best_of < body.n or best_of > MAX_N:
+        raise APIError(400, f"best_of must be in [n, {MAX_N}], got {best_of}", param="best_of")
+    if body.stream and best_of > body.n:
+        raise APIError(400, "best_of > n is not supported when streaming", param="best_of")
+    logprobs = body.logprobs
+    if logprobs is None and best_of > body.n:
+        logprobs = 0  # needed to rank the samples
+    return sampling_params(
+        body,
+        n=best_of,
+        max_tokens=16 if body.max_tokens is None else body.max_tokens,
+        logprobs=logprobs,
+        prompt_logprobs=body.logprobs if body.echo else None,
+    )
+
+
+def _response(state: AppState, job: _Job, results: dict[tuple[int, int], SampleResult]) -> CompletionResponse:
+    choices = []
+    for p, prompt in enumerate(job.prompts):
+        samples = [results[(p, i)] for i in range(job.params.n) if (p, i) in results]
+        if job.params.n > job.n:
+            samples = sorted(samples, key=lambda s: s.cumulative_logprob, reverse=True)[: job.n]
+        for rank, sample in enumerate(samples):
+            choices.append(_choice(state, job, p * job.n + rank, prompt, sample))
+    usage = UsageCounter(job.calls)
+    for (p, i), sample in results.items():
+        usage.set(p, i, sample.num_output_tokens)
+    return CompletionResponse(id=job.id, created=job.created, model=state.settings.served_model_name,
+                              choices=choices, usage=usage.usage())
+
+
+def _choice(state: AppState, job: _Job, index: int, prompt: Prompt, sample: SampleResult) -> CompletionChoice:
+    echo = job.body.echo
+    text = (prompt.text if echo else "") + sample.text
+    logprobs = None
+    if job.body.logprobs is not None:
+        ids, entries = _logprob_entries(prompt if echo else None, sample.prompt_logprobs,
+                                        sample.token_ids, sample.logprobs)
+        logprobs, _ = completion_logprobs(state.texts, ids, entries, 0)
+    return CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=sample.finish_reason)
+
+
+def _logprob_entries(
+    prompt: Prompt | None, prompt_logprobs: Sequence[TokenLogprob | None] | None,
+    token_ids: Sequence[int], logprobs: Sequence[TokenLogprob],
+) -> tuple[list[int], list[TokenLogprob | None]]:
+    """Token ids and logprob entries: the (echoed) prompt's first, then the generated ones."""
+    ids: list[int] = []
+    entries: list[TokenLogprob | None] = []
+    if prompt is not None:
+        ids += prompt.ids
+        entries += list(prompt_logprobs) if prompt_logprobs else [None] * len(prompt.ids)
+    ids += token_ids
+    entries += logprobs
+    return ids, entries
+
+
+async def _stream(state: AppState, job: _Job) -> AsyncIterator[dict[str, Any]]:
+    usage = UsageCounter(job.calls)
+    offsets: dict[int, int] = {}  # choice index -> text offset of its next token
+    async for p, output in stream_outputs(state, job.calls):
+        usage.add(p, output)
+        choice = _delta_choice(state, job, p, output, offsets)
+        if choice is not None:
+            yield _chunk(state, job, [choice])
+    if job.body.include_usage:
+        yield _chunk(state, job, [], usage.usage().model_dump())
+
+
+def _delta_choice(state: AppState, job: _Job, p: int, output: RequestOutput,
+                  offsets: dict[int, int]) -> dict[str, Any] | None:
+    index = p * job.n + output.index
+    first = index not in offsets
+    echo = job.body.echo and first
+    text = (job.prompts[p].text if echo else "") + output.new_text
+    logprobs = None
+    if job.body.logprobs is not None:
+        ids, entries = _logprob_entries(job.prompts[p] if echo else None, output.prompt_logprobs,
+                                        output.new_token_ids, output.logprobs or [])
+        logprobs, offsets[index] = completion_logprobs(state.texts, ids, entries, offsets.get(index, 0))
+    else:
+        offsets[index] = offsets.get(index, 0) + len(text)
+    if not text and not output.finished and not (logprobs and logprobs["tokens"]):
+        return None
+    reason = output.finish_reason if output.finished else None
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
+
+
+def _chunk(state: AppState, job: _Job, choices: list[dict[str, Any]],
+           usage: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"id": job.id, "object": "text_completion", "created": job.created,
+            "model": state.settings.served_model_name, "choices": choices, "usage": usage}

@@ -1,0 +1,193 @@
+"""Running API requests on the engine: one engine request per prompt, merged into one output stream.
+
+Every engine iterator is closed deterministically (``aclosing``), so a client that goes away, a cancelled
+task or an error aborts the engine requests at once and their KV blocks are freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from starlette.requests import Request
+
+from server.api.errors import ClientDisconnected
+from server.api.schemas import Usage
+from server.api.state import AppState
+from server.engine.request import RequestOutput, TokenLogprob
+from server.engine.sampling_params import SamplingParams
+
+T = TypeVar("T")
+Item = tuple[int, RequestOutput]  # (prompt index, delta)
+
+
+@dataclass(frozen=True)
+class EngineCall:
+    """One engine request: a prompt and its sampling parameters."""
+
+    prompt_index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    request_id: str
+
+
+def prepare_calls(state: AppState, request_id: str, prompts: Sequence[list[int]],
+                  params: SamplingParams) -> list[EngineCall]:
+    """Validate every prompt (400 before anything starts) and check the queue limit (429)."""
+    calls = [
+        EngineCall(i, list(ids), params, request_id if len(prompts) == 1 else f"{request_id}-{i}")
+        for i, ids in enumerate(prompts)
+    ]
+    for call in calls:
+        state.llm.validate(call.prompt_ids, call.params)
+    state.check_queue()
+    return calls
+
+
+async def stream_outputs(state: AppState, calls: Sequence[EngineCall]) -> AsyncIterator[Item]:
+    """Deltas of all calls as they come, tagged with their prompt index."""
+    state.num_in_flight += 1
+    try:
+        source = _tracked(state, calls[0]) if len(calls) == 1 else _fan_in(state, calls)
+        async with aclosing(source) as outputs:
+            async for item in outputs:
+                yield item
+    finally:
+        state.num_in_flight -= 1
+
+
+async def _tracked(state: AppState, call: EngineCall) -> AsyncIterator[Item]:
+    tracker = state.metrics.tracker(call.params.n)
+    state.num_not_started += 1
+    started, reason = False, "abort"
+    try:
+        generator = state.engine.generate(call.prompt_ids, call.params, call.request_id)
+        async with aclosing(generator) as outputs:
+            async for output in outputs:
+                if not started:
+                    started = True
+                    state.num_not_started -= 1
+                tracker.observe(output)
+                yield call.prompt_index, output
+    except Exception:
+        reason = "error"
+        raise
+    finally:
+        if not started:
+            state.num_not_started -= 1
+        tracker.close(reason)
+
+
+async def _fan_in(state: AppState, calls: Sequence[EngineCall]) -> AsyncIterator[Item]:
+    """Run the calls concurrently; the first failure ends the stream (and cancels the others)."""
+    queue: asyncio.Queue[Item | BaseException | None] = asyncio.Queue()
+
+    async def pump(call: EngineCall) -> None:
+        try:
+            async with aclosing(_tracked(state, call)) as outputs:
+                async for item in outputs:
+                    queue.put_nowait(item)
+        except Exception as exc:
+            queue.put_nowait(exc)
+        else:
+            queue.put_nowait(None)
+
+    tasks = [asyncio.create_task(pump(call)) for call in calls]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+@dataclass
+class SampleResult:
+    """Everything one sample (choice) produced, accumulated from its deltas."""
+
+    prompt_index: int
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    finish_reason: str | None = None
+    num_output_tokens: int = 0
+
+    def add(self, output: RequestOutput) -> None:
+        self.text += output.new_text
+        self.token_ids += output.new_token_ids
+        self.logprobs += output.logprobs or []
+        if output.prompt_logprobs is not None:
+            self.prompt_logprobs = output.prompt_logprobs
+        if output.finished:
+            self.finish_reason = output.finish_reason
+        self.num_output_tokens = output.num_output_tokens
+
+    @property
+    def cumulative_logprob(self) -> float:
+        return sum(e.logprob for e in self.logprobs)
+
+
+async def collect(outputs: AsyncIterator[Item]) -> dict[tuple[int, int], SampleResult]:
+    """Run to the end; results keyed by (prompt index, sample index)."""
+    results: dict[tuple[int, int], SampleResult] = {}
+    async with aclosing(outputs) as stream:
+        async for prompt_index, output in stream:
+            key = (prompt_index, output.index)
+            if key not in results:
+                results[key] = SampleResult(prompt_index, output.index)
+            results[key].add(output)
+    return results
+
+
+async def run_unless_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
+    """Await ``awaitable``; when the client disconnects first, cancel it and raise ``ClientDisconnected``."""
+    task = asyncio.ensure_future(awaitable)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task in done:
+        return task.result()
+    raise ClientDisconnected()
+
+
+async def _wait_disconnect(request: Request) -> None:
+    # NOTE: the body has been read already, so the next ASGI message can only be the disconnect.
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class UsageCounter:
+    """Token usage of a request: prompts once each, every generated token of every sample."""
+
+    def __init__(self, calls: Sequence[EngineCall]) -> None:
+        self.prompt_tokens = sum(len(call.prompt_ids) for call in calls)
+        self._outputs: dict[tuple[int, int], int] = {}
+
+    def add(self, prompt_index: int, output: RequestOutput) -> None:
+        self.set(prompt_index, output.index, output.num_output_tokens)
+
+    def set(self, prompt_index: int, index: int, num_output_tokens: int) -> None:
+        self._outputs[(prompt_index, index)] = num_output_tokens
+
+    def usage(self) -> Usage:
+        completion = sum(self._outputs.values())
+        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=completion,
+                     total_tokens=self.prompt_tokens + completion)

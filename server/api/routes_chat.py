@@ -1,0 +1,20 @@
+"""POST /v1/chat/completions."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+
+from server.api.chat import create_chat_completion
+from server.api.deps import AcceptingDep
+from server.api.schemas import ERROR_RESPONSES, ChatCompletionRequest, ChatCompletionResponse
+
+router = APIRouter(tags=["chat"])
+
+_OK = {"model": ChatCompletionResponse, "description": "The chat completion, or with stream=true an SSE stream "
+       "of chat.completion.chunk objects ending with data: [DONE]."}
+
+
+@router.post("/v1/chat/completions", response_model=None, responses={200: _OK, **ERROR_RESPONSES})
+async def chat_completions(body: ChatCompletionRequest, request: Request, state: AcceptingDep) -> Response:
+    """Answer a conversation, rendered with the checkpoint's chat template."""
+    return await create_chat_completion(state, body, request)

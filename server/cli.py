@@ -1,0 +1,169 @@
+"""Command-line flags of ``jetmoe-serve``; every flag can also be set as ``JETMOE_<FLAG_NAME>``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from server.api.settings import ServerSettings
+from server.engine.config import EngineConfig
+
+PROG = "jetmoe-serve"
+ENV_PREFIX = "JETMOE_"
+# NOTE: the one place to change once a model is bundled with the package (None: --model is required).
+DEFAULT_MODEL: str | None = None
+DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16", "half")
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """One line on stderr and exit status 2 (argparse's usage block is left to --help)."""
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def env_name(flag: str) -> str:
+    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+
+
+def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """The parser; defaults come from ``environ`` (the process environment by default)."""
+    env = os.environ if environ is None else environ
+    parser = _Parser(prog=PROG, description="OpenAI-compatible inference server for JetMoe models.",
+                     epilog="Every flag can also be given as an environment variable, shown in brackets; "
+                            "a flag on the command line wins.")
+
+    def add(flag: str, help: str, default: Any = None, type: Callable[[str], Any] = str, **kw: Any) -> None:
+        name = env_name(flag)
+        value = env.get(name, default)
+        shown = "" if default is None or "api-key" in flag else f" (default: {default})"
+        if type is _positive:
+            kw.setdefault("metavar", "N")
+        parser.add_argument(flag, default=value, type=type, help=f"{help}{shown} [{name}]", **kw)
+
+    add("--model", "checkpoint directory (config.json, safetensors, tokenizer)", DEFAULT_MODEL, metavar="DIR")
+    add("--host", "address to listen on", "127.0.0.1")
+    add("--port", "port to listen on (0: any free port)", "8000", _port)
+    add("--served-model-name", "model name clients send (default: the directory name)", metavar="NAME")
+    add("--device", "auto, cpu, cuda or cuda:N (auto: cuda when available)", "auto", _device)
+    add("--dtype", f"weight dtype: {', '.join(DTYPES[:4])} (auto: bfloat16 on cuda, float32 on cpu)",
+        "auto", _dtype)
+    add("--max-model-len", "longest prompt + completion in tokens (default: the model's limit)", type=_positive)
+    add("--block-size", "tokens per KV cache block", "16", _positive)
+    add("--num-kv-blocks", "KV cache blocks (default: sized from --kv-cache-memory or free GPU memory)",
+        type=_positive)
+    add("--kv-cache-memory", "KV cache size, e.g. 4GiB or 512MB (default: 1GiB on cpu, 90%% of free GPU "
+        "memory on cuda)", type=_size, metavar="SIZE")
+    add("--max-num-seqs", "sequences in one batch at most", "64", _positive)
+    add("--max-num-batched-tokens", "tokens computed in one engine step at most", "2048", _positive)
+    add("--max-queued-requests", "answer 429 when this many requests wait (default: no limit)", type=_positive)
+    add("--api-key", "require 'Authorization: Bearer KEY' (except on /health and /metrics)", metavar="KEY")
+    add("--drain-timeout", "on SIGTERM, seconds in-flight requests may take to finish", "30", _seconds, metavar="SECONDS")
+    add("--log-level", f"one of {', '.join(LOG_LEVELS)}", "info", _log_level)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None,
+               environ: Mapping[str, str] | None = None) -> tuple[argparse.Namespace, ServerSettings, EngineConfig]:
+    """Flags -> (args, server settings, engine config); any problem exits with one line and status 2."""
+    parser = build_parser(environ)
+    args = parser.parse_args(argv)
+    if not args.model:
+        parser.error(f"--model is required: the checkpoint directory to serve (or set {env_name('--model')})")
+    if args.num_kv_blocks is not None and args.kv_cache_memory is not None:
+        parser.error("give --num-kv-blocks or --kv-cache-memory, not both")
+    try:
+        return args, settings_from_args(args), engine_config_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    name = args.served_model_name or Path(args.model).resolve().name or str(args.model)
+    return ServerSettings(served_model_name=name, api_key=args.api_key or None,
+                          max_queued_requests=args.max_queued_requests, drain_timeout=args.drain_timeout)
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=str(args.model), device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
+        block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+    )
+
+
+def fail(message: str) -> int:
+    """Print one error line and return exit status 2."""
+    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
+
+
+def _int(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+
+
+def _positive(value: str) -> int:
+    number = _int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
+def _port(value: str) -> int:
+    number = _int(value)
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port in 0..65535, got {value!r}")
+    return number
+
+
+def _seconds(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not number >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {value!r}")
+    return number
+
+
+def _choice(value: str, choices: Sequence[str], what: str) -> str:
+    if value.lower() not in choices:
+        raise argparse.ArgumentTypeError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
+    return value.lower()
+
+
+def _dtype(value: str) -> str:
+    return _choice(value, DTYPES, "dtype")
+
+
+def _log_level(value: str) -> str:
+    return _choice(value, LOG_LEVELS, "log level")
+
+
+def _device(value: str) -> str:
+    if not _DEVICE.match(value.lower()):
+        raise argparse.ArgumentTypeError(f"unknown device {value!r}; use auto, cpu, cuda or cuda:N")
+    return value.lower()
+
+
+def _size(value: str) -> int:
+    """Bytes from '4GiB', '512MB', '2g' or a plain number of bytes (K/M/G/T are powers of 1024)."""
+    match = _SIZE.match(value)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"expected a size such as 4GiB or 512MB, got {value!r}")
+    number, unit = float(match.group(1)), match.group(2).lower()
+    size = int(number * 1024 ** ("kmgt".index(unit) + 1 if unit else 0))
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive size, got {value!r}")
+    return size
