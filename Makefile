@@ -23,7 +23,7 @@ test: install
 	$(BIN)/python -m pytest
 
 lint: install
-	$(BIN)/ruff check server model tests benchmarks
+	$(BIN)/ruff check server model tests benchmarks scripts
 
 bench: install
 	$(BIN)/python benchmarks/bench_model.py

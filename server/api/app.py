@@ -6,11 +6,14 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 
 from server.api import routes_chat, routes_completions, routes_misc
 from server.api.auth import ApiKeyMiddleware
+from server.api.body import BodySizeLimitMiddleware
 from server.api.errors import install_error_handlers
 from server.api.settings import ServerSettings
 from server.api.state import AppState
@@ -31,11 +34,28 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="jetmoe-serve", summary="OpenAI-compatible JetMoe inference server", lifespan=lifespan)
     app.state.api = state
     install_error_handlers(app)
+    # NOTE: the last middleware added runs first: the key is checked before any body byte is read.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
     for module in (routes_completions, routes_chat, routes_misc):
         app.include_router(module.router)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema without its 422 responses: validation errors are answered with 400 here."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+        components = schema.get("components", {}).get("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def begin_drain(app: FastAPI) -> None:

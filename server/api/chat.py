@@ -18,6 +18,7 @@ from server.api.generation import (
     UsageCounter,
     collect,
     prepare_calls,
+    release_slots,
     run_unless_disconnected,
     stream_outputs,
 )
@@ -56,8 +57,11 @@ async def create_chat_completion(state: AppState, body: ChatCompletionRequest, r
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     job = _Job(request_id, int(time.time()), body, prepare_calls(state, request_id, [prompt_ids], params))
     if body.stream:
-        return sse_response(_stream(state, job), state.settings.drain_timeout)
-    results = await run_unless_disconnected(request, collect(stream_outputs(state, job.calls)))
+        return sse_response(_stream(state, job), state.settings.drain_timeout, lambda: release_slots(job.calls))
+    try:
+        results = await run_unless_disconnected(request, collect(stream_outputs(state, job.calls)))
+    finally:
+        release_slots(job.calls)
     return JSONResponse(_response(state, job, results).model_dump())
 
 

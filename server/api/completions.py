@@ -18,6 +18,7 @@ from server.api.generation import (
     UsageCounter,
     collect,
     prepare_calls,
+    release_slots,
     run_unless_disconnected,
     stream_outputs,
 )
@@ -60,20 +61,22 @@ async def create_completion(state: AppState, body: CompletionRequest, request: R
     calls = prepare_calls(state, request_id, [p.ids for p in prompts], params)
     job = _Job(request_id, int(time.time()), body, prompts, params, calls)
     if body.stream:
-        return sse_response(_stream(state, job), state.settings.drain_timeout)
-    results = await run_unless_disconnected(request, collect(stream_outputs(state, calls)))
+        return sse_response(_stream(state, job), state.settings.drain_timeout, lambda: release_slots(calls))
+    try:
+        results = await run_unless_disconnected(request, collect(stream_outputs(state, calls)))
+    finally:
+        release_slots(calls)
     return JSONResponse(_response(state, job, results).model_dump())
 
 
 def parse_prompts(state: AppState, prompt: str | list[Any]) -> list[Prompt]:
     """A string, a list of strings, a list of token ids, or a list of token id lists."""
     tokenizer = state.llm.tokenizer
-    if isinstance(prompt, str):
-        return [Prompt(tokenizer.encode(prompt), prompt)]
-    if not prompt:
+    texts = [prompt] if isinstance(prompt, str) else prompt
+    if not texts or any(isinstance(p, str) and not p for p in texts):
         raise APIError(400, "prompt must not be empty", param="prompt")
-    if isinstance(prompt[0], str):
-        return [Prompt(tokenizer.encode(p), p) for p in prompt]
+    if isinstance(texts[0], str):
+        return [Prompt(tokenizer.encode(p), p) for p in texts]
     lists = [prompt] if isinstance(prompt[0], int) else prompt
     if any(not ids for ids in lists):
         raise APIError(400, "a token id prompt must not be empty", param="prompt")

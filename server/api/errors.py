@@ -21,6 +21,7 @@ _TYPES = {
     401: "invalid_request_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    413: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
     503: "server_error",
@@ -76,19 +77,45 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     if not errors:
         return APIError(400, "Invalid request")
     first = errors[0]
-    loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
     kind = first.get("type")
     if kind == "json_invalid":
         reason = (first.get("ctx") or {}).get("error") or first.get("msg")
         return APIError(400, f"Invalid JSON body: {reason}", code="invalid_json")
-    if not loc and kind in ("model_attributes_type", "missing"):
+    param, union = _param(first.get("loc", ()))
+    if param is None and kind in ("model_attributes_type", "model_type", "missing"):
         return APIError(400, "The request body must be a JSON object (Content-Type: application/json).",
                         code="invalid_json")
-    param = ".".join(loc) or None
-    message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
-    if len(errors) > 1:
-        message += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
+    if union:  # one error per accepted form, each under its own path: name the field, not the forms
+        message = f"{param}: the value matches none of the accepted forms (see /openapi.json)"
+    else:
+        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+    others = {p for p, _ in map(_param, (e.get("loc", ()) for e in errors[1:]))} - {param}
+    if others and not union:
+        message += f" (and {len(others)} more field{'s' if len(others) > 1 else ''} with errors)"
     return APIError(400, message, param=param)
+
+
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "list", "dict"})
+
+
+def _param(loc: Any) -> tuple[str | None, bool]:
+    """``messages.0.role`` from pydantic's location, cut before a union tag (``str``, ``list[int]``, ...).
+
+    Also whether the location went through a union (the second value).
+    """
+    parts = []
+    for index, part in enumerate(loc):
+        if isinstance(part, int):
+            parts.append(str(part))
+        elif _is_tag(part):
+            return ".".join(parts) or None, True
+        elif not (index == 0 and part in ("body", "query", "path")):
+            parts.append(part)
+    return ".".join(parts) or None, False
+
+
+def _is_tag(part: str) -> bool:
+    return part in _TYPE_TAGS or "[" in part or "-" in part or part[:1].isupper()
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -103,7 +130,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_http(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        error = APIError(exc.status_code, str(exc.detail))
+        error = getattr(exc, "api_error", None) or APIError(exc.status_code, str(exc.detail))
         return JSONResponse(error.body(), status_code=exc.status_code, headers=exc.headers)
 
     async def on_disconnect(_: Request, exc: Exception) -> Response:

@@ -16,7 +16,7 @@ from starlette.requests import Request
 
 from server.api.errors import ClientDisconnected
 from server.api.schemas import Usage
-from server.api.state import AppState
+from server.api.state import AppState, QueueSlots
 from server.engine.request import RequestOutput, TokenLogprob
 from server.engine.sampling_params import SamplingParams
 
@@ -32,19 +32,28 @@ class EngineCall:
     prompt_ids: list[int]
     params: SamplingParams
     request_id: str
+    slots: QueueSlots  # shared by the calls of one request
 
 
 def prepare_calls(state: AppState, request_id: str, prompts: Sequence[list[int]],
                   params: SamplingParams) -> list[EngineCall]:
-    """Validate every prompt (400 before anything starts) and check the queue limit (429)."""
-    calls = [
-        EngineCall(i, list(ids), params, request_id if len(prompts) == 1 else f"{request_id}-{i}")
+    """Validate every prompt (400 before anything starts), then take queue places (or 429).
+
+    The caller must ``release_all`` the calls' slots once its response is done (``release_slots``).
+    """
+    for ids in prompts:
+        state.llm.validate(ids, params)
+    slots = state.admit(len(prompts))
+    return [
+        EngineCall(i, list(ids), params, request_id if len(prompts) == 1 else f"{request_id}-{i}", slots)
         for i, ids in enumerate(prompts)
     ]
-    for call in calls:
-        state.llm.validate(call.prompt_ids, call.params)
-    state.check_queue()
-    return calls
+
+
+def release_slots(calls: Sequence[EngineCall]) -> None:
+    """Give back the queue places of calls that never started (idempotent)."""
+    if calls:
+        calls[0].slots.release_all()
 
 
 async def stream_outputs(state: AppState, calls: Sequence[EngineCall]) -> AsyncIterator[Item]:
@@ -61,7 +70,6 @@ async def stream_outputs(state: AppState, calls: Sequence[EngineCall]) -> AsyncI
 
 async def _tracked(state: AppState, call: EngineCall) -> AsyncIterator[Item]:
     tracker = state.metrics.tracker(call.params.n)
-    state.num_not_started += 1
     started, reason = False, "abort"
     try:
         generator = state.engine.generate(call.prompt_ids, call.params, call.request_id)
@@ -69,7 +77,7 @@ async def _tracked(state: AppState, call: EngineCall) -> AsyncIterator[Item]:
             async for output in outputs:
                 if not started:
                     started = True
-                    state.num_not_started -= 1
+                    call.slots.release()
                 tracker.observe(output)
                 yield call.prompt_index, output
     except Exception:
@@ -77,7 +85,7 @@ async def _tracked(state: AppState, call: EngineCall) -> AsyncIterator[Item]:
         raise
     finally:
         if not started:
-            state.num_not_started -= 1
+            call.slots.release()
         tracker.close(reason)
 
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
+from server.api.body import StrictJSONRoute
 from server.api.completions import create_completion
 from server.api.deps import AcceptingDep
-from server.api.schemas import ERROR_RESPONSES, CompletionRequest, CompletionResponse
+from server.api.schemas import ERROR_RESPONSES, SSE_CONTENT, CompletionRequest, CompletionResponse
 
-router = APIRouter(tags=["completions"])
+router = APIRouter(tags=["completions"], route_class=StrictJSONRoute)
 
 _OK = {"model": CompletionResponse, "description": "The completion, or with stream=true an SSE stream of "
-       "text_completion chunks ending with data: [DONE]."}
+       "text_completion chunks ending with data: [DONE].", "content": SSE_CONTENT}
 
 
 @router.post("/v1/completions", response_model=None, responses={200: _OK, **ERROR_RESPONSES})

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from server.api.body import StrictJSONRoute
 from server.api.chat import render_messages
 from server.api.deps import StateDep
 from server.api.errors import APIError, model_not_found
@@ -13,6 +14,7 @@ from server.api.schemas import (
     ERROR_RESPONSES,
     DetokenizeRequest,
     DetokenizeResponse,
+    HealthStatus,
     ModelCard,
     ModelList,
     TokenizeRequest,
@@ -20,7 +22,7 @@ from server.api.schemas import (
 )
 from server.api.state import AppState
 
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute)
 
 
 def _card(state: AppState) -> ModelCard:
@@ -40,7 +42,7 @@ async def retrieve_model(model: str, state: StateDep) -> ModelCard:
     return _card(state)
 
 
-@router.get("/health", tags=["ops"], responses={503: ERROR_RESPONSES[503]})
+@router.get("/health", tags=["ops"], responses={200: {"model": HealthStatus}, 503: ERROR_RESPONSES[503]})
 async def health(state: StateDep) -> JSONResponse:
     """200 while the engine loop runs; 503 when it is dead or the server is shutting down."""
     try:
@@ -50,7 +52,8 @@ async def health(state: StateDep) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
-@router.get("/metrics", tags=["ops"], response_class=Response)
+@router.get("/metrics", tags=["ops"], response_class=Response,
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(state: StateDep) -> Response:
     """Prometheus text format."""
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

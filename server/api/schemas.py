@@ -1,16 +1,51 @@
-"""Request and response bodies (OpenAI wire format). Unknown request fields are ignored."""
+"""Request and response bodies (OpenAI wire format). Unknown request fields are ignored.
+
+Request fields are strict JSON types (``"2"`` is not an integer, ``1`` is not a boolean), as OpenAI's API has
+them, and carry their ranges, so that ``/openapi.json`` documents every value the server accepts. The engine
+checks every sampling value again (``SamplingParams``); relations between fields (``prompt`` + ``max_tokens``
+within the context, ``best_of`` >= ``n``, token ids within the vocabulary) are checked by the endpoints.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+
+from server.engine.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_N, MAX_STOP_STRINGS
 
 TokenIds = list[int]
+TokenId = Annotated[int, Field(ge=0)]
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+_TOKEN_ID = {"type": "integer", "minimum": 0}
+_TOKEN_IDS = {"type": "array", "items": _TOKEN_ID, "minItems": 1}
+# NOTE: unions get hand-written schemas: the checks are in the endpoints (clearer messages than a union's).
+PROMPT_SCHEMA = {"anyOf": [
+    {"type": "string", "minLength": 1},
+    {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
+    _TOKEN_IDS,
+    {"type": "array", "items": _TOKEN_IDS, "minItems": 1},
+]}
+STOP_SCHEMA = {"anyOf": [
+    {"type": "string"},
+    {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": MAX_STOP_STRINGS},
+    {"type": "null"},
+]}
+LOGIT_BIAS_SCHEMA = _nullable({
+    "type": "object",
+    "propertyNames": {"pattern": "^[0-9]+$"},
+    "additionalProperties": {"type": "number", "minimum": -MAX_LOGIT_BIAS, "maximum": MAX_LOGIT_BIAS},
+})
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(_Request):
@@ -21,18 +56,20 @@ class SamplingFields(_Request):
     """Fields shared by completions and chat completions (OpenAI's, plus vLLM's usual extensions)."""
 
     model: str | None = Field(None, description="The served model name (optional: there is one model).")
-    n: int = Field(1, description="Completions to generate per prompt.")
-    temperature: float | None = Field(None, description="0 is greedy; default 1.")
-    top_p: float | None = None
-    top_k: int | None = Field(None, description="0 or -1 disables top-k.")
-    min_p: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
-    logit_bias: dict[str, float] | None = Field(None, description="Token id -> bias in [-100, 100].")
-    seed: int | None = None
-    stop: str | list[str] | None = Field(None, description="Stop strings; cut out of the returned text.")
-    stop_token_ids: list[int] | None = None
+    n: int = Field(1, ge=1, le=MAX_N, description="Completions to generate per prompt.")
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 is greedy; default 1.")
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1, description="0 or -1 disables top-k.")
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, description="1 disables it.")
+    logit_bias: Annotated[dict[str, float] | None, WithJsonSchema(LOGIT_BIAS_SCHEMA)] = Field(
+        None, description=f"Token id (a decimal string) -> bias in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}].")
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    stop: Annotated[str | list[str] | None, WithJsonSchema(STOP_SCHEMA)] = Field(
+        None, description=f"Up to {MAX_STOP_STRINGS} stop strings; cut out of the returned text.")
+    stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     user: str | None = None
@@ -45,14 +82,16 @@ class SamplingFields(_Request):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | TokenIds | list[TokenIds] = Field(
-        ..., description="A string, a list of strings, a list of token ids or a list of such lists."
+    prompt: Annotated[str | list[str] | TokenIds | list[TokenIds], WithJsonSchema(PROMPT_SCHEMA)] = Field(
+        ..., description="A string, a list of strings, a list of token ids or a list of such lists (none empty)."
     )
-    max_tokens: int | None = Field(16, description="Tokens to generate at most (default 16).")
-    best_of: int | None = Field(None, description="Samples to draw per prompt; the n best are returned.")
-    logprobs: int | None = Field(None, description="Log-probabilities of each token and of this many top ones.")
+    max_tokens: int | None = Field(16, ge=1, description="Tokens to generate at most (default 16).")
+    best_of: int | None = Field(None, ge=1, le=MAX_N,
+                                description="Samples to draw per prompt (>= n); the n best are returned.")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                 description="Log-probabilities of each token and of this many top ones.")
     echo: bool = Field(False, description="Return the prompt before the completion (with its logprobs).")
-    suffix: str | None = Field(None, description="Not supported.")
+    suffix: str | None = Field(None, description="Not supported (only null or empty).")
 
 
 class TextPart(_Request):
@@ -75,10 +114,11 @@ class ChatMessage(_Request):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_tokens: int | None = Field(None, description="Deprecated name of max_completion_tokens.")
-    max_completion_tokens: int | None = Field(None, description="Default: the rest of the context.")
+    max_tokens: int | None = Field(None, ge=1, description="Deprecated name of max_completion_tokens.")
+    max_completion_tokens: int | None = Field(None, ge=1, description="Default: the rest of the context.")
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, description="0..20 alternatives per token; needs logprobs.")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                     description=f"0..{MAX_LOGPROBS} alternatives per token; needs logprobs.")
     add_generation_prompt: bool = True
 
 
@@ -92,7 +132,7 @@ class TokenizeRequest(_Request):
 
 class DetokenizeRequest(_Request):
     model: str | None = None
-    tokens: TokenIds
+    tokens: list[TokenId]
 
 
 # ---- responses ----
@@ -185,6 +225,10 @@ class DetokenizeResponse(BaseModel):
     prompt: str
 
 
+class HealthStatus(BaseModel):
+    status: Literal["ok"]
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str
@@ -196,6 +240,29 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-ERROR_RESPONSES: dict[int | str, dict] = {
-    status: {"model": ErrorResponse} for status in (400, 401, 404, 429, 500, 503)
+_ERROR_DESCRIPTIONS = {
+    400: "Invalid request: malformed JSON, a wrong type or value, or a prompt beyond the context.",
+    401: "Missing or wrong API key (when the server requires one).",
+    404: "Unknown model.",
+    413: "Request body over the size limit.",
+    429: "Too many requests waiting: retry later.",
+    500: "The server or the engine failed this request.",
+    503: "The engine is not running, or the server is shutting down.",
 }
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text} for status, text in _ERROR_DESCRIPTIONS.items()
+}
+# With stream=true the 200 answer is a stream of server-sent events; before OpenAPI 3.2 (``itemSchema``) the
+# ``schema`` of an event stream describes one event, as parsed by a client.
+SSE_EVENT_SCHEMA = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {"type": "string", "description": "A chunk object as JSON; then [DONE]. A failure after the "
+                 "headers went out is sent as an error object ({\"error\": {...}}) and ends the stream."},
+        "event": {"type": "string"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer"},
+    },
+}
+SSE_CONTENT = {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}}

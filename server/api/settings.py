@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
+
 
 @dataclass(frozen=True)
 class ServerSettings:
@@ -11,6 +13,7 @@ class ServerSettings:
 
     ``max_queued_requests``: answer 429 once this many requests wait for the engine (None: no limit).
     ``drain_timeout``: on shutdown, seconds in-flight requests may take to finish before they are aborted.
+    ``max_request_bytes``: answer 413 to request bodies larger than this.
     """
 
     served_model_name: str
@@ -18,6 +21,7 @@ class ServerSettings:
     max_queued_requests: int | None = None
     drain_timeout: float = 30.0
     owned_by: str = "jetmoe"
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
 
     def __post_init__(self) -> None:
         if not self.served_model_name:
@@ -26,5 +30,7 @@ class ServerSettings:
             raise ValueError(f"max_queued_requests must be positive, got {self.max_queued_requests}")
         if self.drain_timeout < 0:
             raise ValueError(f"drain_timeout must be >= 0, got {self.drain_timeout}")
+        if self.max_request_bytes < 1:
+            raise ValueError(f"max_request_bytes must be positive, got {self.max_request_bytes}")
         if self.api_key == "":
             object.__setattr__(self, "api_key", None)

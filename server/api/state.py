@@ -45,19 +45,20 @@ class AppState:
         if not self.engine.is_alive:
             raise APIError(503, "The engine is not running.", code="engine_dead")
 
-    def check_queue(self) -> None:
-        """429 when ``max_queued_requests`` requests already wait for the engine.
+    def admit(self, num_calls: int) -> QueueSlots:
+        """Reserve queue places for a request's engine calls; 429 when ``max_queued_requests`` wait already.
 
-        A request counts as waiting from its submission until its first token (the engine's own count lags
-        behind submissions by up to one step).
+        A call counts as waiting from its admission until its first token (the engine's own count lags behind
+        submissions by up to one step). The check and the reservation happen together, with no await between
+        them, so a burst of concurrent requests cannot all pass the check before any of them is counted.
         """
         limit = self.settings.max_queued_requests
-        if limit is None:
-            return
-        queued = max(self.engine.stats().num_waiting, self.num_not_started)
-        if queued >= limit:
-            raise APIError(429, f"The server is overloaded: {queued} requests are waiting (limit {limit}). "
-                           "Retry later.", code="queue_full")
+        if limit is not None:
+            queued = max(self.engine.stats().num_waiting, self.num_not_started)
+            if queued >= limit:
+                raise APIError(429, f"The server is overloaded: {queued} requests are waiting (limit {limit}). "
+                               "Retry later.", code="queue_full")
+        return QueueSlots(self, num_calls)
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no generation request is in flight; False when ``timeout`` passed first."""
@@ -67,3 +68,21 @@ class AppState:
                 return False
             await asyncio.sleep(0.05)
         return True
+
+
+class QueueSlots:
+    """Queue places held by one request's engine calls: each is given back at the call's first token, at its
+    end, or at the latest when the request's response is done (``release_all``, which is idempotent)."""
+
+    def __init__(self, state: AppState, count: int) -> None:
+        self._state = state
+        self._held = count
+        state.num_not_started += count
+
+    def release(self, count: int = 1) -> None:
+        count = min(count, self._held)
+        self._held -= count
+        self._state.num_not_started -= count
+
+    def release_all(self) -> None:
+        self.release(self._held)

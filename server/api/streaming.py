@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
 
 from sse_starlette import EventSourceResponse
+from starlette.types import Receive, Scope, Send
 
 from server.api.errors import to_api_error
 
@@ -36,10 +37,29 @@ async def sse_events(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str
     yield DONE
 
 
-def sse_response(chunks: AsyncIterator[dict[str, Any]], drain_timeout: float) -> EventSourceResponse:
-    """An SSE response that, on server shutdown, lets the stream run ``drain_timeout`` more seconds."""
-    return EventSourceResponse(
+class _SSEResponse(EventSourceResponse):
+    """An event stream that calls ``on_close`` when it ends, however it ends (even never started)."""
+
+    def __init__(self, *args: Any, on_close: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+def sse_response(chunks: AsyncIterator[dict[str, Any]], drain_timeout: float,
+                 on_close: Callable[[], None] = lambda: None) -> EventSourceResponse:
+    """An SSE response that, on server shutdown, lets the stream run ``drain_timeout`` more seconds.
+
+    ``on_close`` runs once the response is over, even when the client left before the stream started.
+    """
+    return _SSEResponse(
         sse_events(chunks),
         sep="\n",
         shutdown_grace_period=drain_timeout,
+        on_close=on_close,
     )
