@@ -128,6 +128,8 @@ class JetMoeForCausalLM(nn.Module):
     def __init__(self, config: JetMoeModelConfig, backend: AttentionBackend | None = None) -> None:
         super().__init__()
         self.config = config
+        # Default: the torch reference, which runs on any device (the loader builds on the meta device).
+        # The caller that knows the target device picks a faster one: model.backends.select_attention_backend.
         self.model = JetMoeBackbone(config, backend or TorchPagedAttention())
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)

@@ -7,6 +7,9 @@ the inputs gathered in that order, and each active expert runs one matmul over i
 
 from __future__ import annotations
 
+import functools
+import itertools
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +24,47 @@ class Routing:
     slot_order: torch.Tensor  # [T*K] flat assignment index (token * K + k) in expert order
     token_order: torch.Tensor  # [T*K] token index of each sorted assignment
     gates: torch.Tensor  # [T*K] gate weight of each sorted assignment
-    expert_counts: tuple[int, ...]  # [E] assignments per expert
+    expert_counts: ExpertCounts  # [E] assignments per expert (a tuple-like sequence of ints)
+    expert_offsets: torch.Tensor  # [E] int32 cumulative counts on the device: expert e ends at row offsets[e]
+
+
+class ExpertCounts(Sequence[int]):
+    """Assignments per expert, read from the device only when first used.
+
+    The loop path of ``grouped_linear`` needs Python ints (one host sync per router call); the
+    ``torch._grouped_mm`` path only needs ``offsets``, so on CUDA the routing never waits for the GPU.
+    Compares equal to the tuple of its values.
+    """
+
+    def __init__(self, counts: torch.Tensor, offsets: torch.Tensor) -> None:
+        self.counts = counts  # [E] int64
+        self.offsets = offsets  # [E] int32 cumulative
+        self._values: tuple[int, ...] | None = None if counts.is_cuda else tuple(counts.tolist())
+
+    @property
+    def values(self) -> tuple[int, ...]:
+        if self._values is None:
+            self._values = tuple(self.counts.tolist())
+        return self._values
+
+    def __len__(self) -> int:
+        return self.counts.shape[0]
+
+    def __getitem__(self, index):  # type: ignore[override]
+        return self.values[index]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.values)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ExpertCounts):
+            other = other.values
+        return isinstance(other, (tuple, list)) and self.values == tuple(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"ExpertCounts({self.values if self._values is not None else 'on ' + str(self.counts.device)})"
 
 
 class TopKRouter(nn.Module):
@@ -38,12 +81,16 @@ class TopKRouter(nn.Module):
         gates = torch.softmax(top_logits, dim=1).to(x.dtype)  # [T, K]
         flat_experts = top_experts.flatten()  # [T*K]
         slot_order = torch.argsort(flat_experts, stable=True)  # [T*K]
-        counts = torch.bincount(flat_experts, minlength=self.layer.out_features)  # [E]
+        # NOTE: not bincount, which reads the maximum back to the host on CUDA.
+        counts = torch.zeros(self.layer.out_features, dtype=torch.int64, device=x.device)
+        counts.index_add_(0, flat_experts, torch.ones_like(flat_experts))  # [E]
+        offsets = torch.cumsum(counts, 0, dtype=torch.int32)  # [E]
         return Routing(
             slot_order=slot_order,
             token_order=torch.div(slot_order, self.top_k, rounding_mode="floor"),
             gates=gates.flatten()[slot_order],
-            expert_counts=tuple(counts.tolist()),
+            expert_counts=ExpertCounts(counts, offsets),
+            expert_offsets=offsets,
         )
 
 
@@ -58,8 +105,28 @@ class ExpertWeights(nn.Module):
         return grouped_linear(x_sorted, self.weight, counts)
 
 
-def grouped_linear(x_sorted: torch.Tensor, weight: torch.Tensor, counts: tuple[int, ...]) -> torch.Tensor:
-    """``x_sorted`` ``[N, in]`` grouped by expert (``counts[e]`` rows each) times ``weight[e]`` ``[out, in]``."""
+def grouped_linear(x_sorted: torch.Tensor, weight: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+    """``x_sorted`` ``[N, in]`` grouped by expert (``counts[e]`` rows each) times ``weight[e]`` ``[out, in]``.
+
+    On CUDA in bf16 (and where ``torch._grouped_mm`` exists and the strides are 16-byte aligned) this is one
+    ``torch._grouped_mm`` call over the cumulative offsets, which ``ExpertCounts`` keeps on the device, so no
+    host sync happens; everywhere else it is the per-expert loop (``grouped_linear_reference``).
+    """
+    if _grouped_mm_applies(x_sorted, weight):
+        if isinstance(counts, ExpertCounts):
+            offsets = counts.offsets
+        else:
+            offsets = torch.tensor(
+                list(itertools.accumulate(counts)), dtype=torch.int32, device=x_sorted.device
+            )
+        return grouped_linear_grouped_mm(x_sorted, weight, offsets)
+    return grouped_linear_reference(x_sorted, weight, counts)
+
+
+def grouped_linear_reference(
+    x_sorted: torch.Tensor, weight: torch.Tensor, counts: Sequence[int]
+) -> torch.Tensor:
+    """The per-expert loop: one ``torch.mm`` per expert with rows (reads ``counts`` on the host)."""
     out = x_sorted.new_empty(x_sorted.shape[0], weight.shape[1])  # [N, out]
     start = 0
     for expert, count in enumerate(counts):
@@ -67,6 +134,49 @@ def grouped_linear(x_sorted: torch.Tensor, weight: torch.Tensor, counts: tuple[i
             torch.mm(x_sorted[start : start + count], weight[expert].t(), out=out[start : start + count])
             start += count
     return out
+
+
+def grouped_linear_grouped_mm(
+    x_sorted: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor
+) -> torch.Tensor:
+    """One ``torch._grouped_mm``: expert ``e`` takes rows ``offsets[e-1]:offsets[e]`` (``offsets`` ``[E]`` int32)."""
+    return torch._grouped_mm(x_sorted, weight.transpose(1, 2), offs=offsets)  # [N, out]
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    """Unit stride in the last dim, every other stride and the data pointer on 16 bytes."""
+    size = t.element_size()
+    return (
+        t.stride(-1) == 1
+        and t.data_ptr() % 16 == 0
+        and all(stride * size % 16 == 0 for stride in t.stride()[:-1])
+    )
+
+
+def _grouped_mm_applies(x_sorted: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (
+        x_sorted.is_cuda
+        and x_sorted.dtype == torch.bfloat16
+        and weight.dtype == torch.bfloat16
+        and hasattr(torch, "_grouped_mm")
+        and weight.shape[1] * weight.element_size() % 16 == 0  # rows of the output
+        and _aligned(x_sorted)
+        and _aligned(weight)
+        and _grouped_mm_works(x_sorted.device)
+    )
+
+
+@functools.cache
+def _grouped_mm_works(device: torch.device) -> bool:
+    """One tiny probe per device (the kernel needs a recent GPU); False sends every call to the loop."""
+    x = torch.ones(16, 16, dtype=torch.bfloat16, device=device)
+    w = torch.ones(2, 16, 16, dtype=torch.bfloat16, device=device)
+    offsets = torch.tensor([8, 16], dtype=torch.int32, device=device)
+    try:
+        out = grouped_linear_grouped_mm(x, w, offsets)
+    except RuntimeError:
+        return False
+    return bool((out == 16).all())
 
 
 class MoEMLP(nn.Module):

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
+from model.backends import select_attention_backend
 from model.jetmoe import JetMoeForCausalLM
-from model.loader import load_model
+from model.loader import load_model, resolve_device
 from model.tokenizer import Tokenizer
 from server.engine.block_manager import BlockManager
 from server.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
@@ -69,7 +70,8 @@ class LLMEngine:
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
         """Load the checkpoint and tokenizer named by ``config.model``."""
-        model = load_model(config.model, dtype=config.dtype, device=config.device)
+        backend = select_attention_backend(resolve_device(config.device), config.attention_backend)
+        model = load_model(config.model, dtype=config.dtype, device=config.device, backend=backend)
         return cls(config, model, Tokenizer.from_dir(config.model))
 
     @property
