@@ -104,8 +104,11 @@ class Tokenizer:
         )
 
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
-        """Vocabulary pieces of `ids` (e.g. `▁Hello`, `<0xF0>`)."""
-        return list(self._hf.convert_ids_to_tokens(list(ids)))
+        """Vocabulary pieces of `ids` (e.g. `▁Hello`, `<0xF0>`); "" for ids the tokenizer does not know.
+
+        A checkpoint's embedding is often padded beyond its tokenizer, so the model can emit such ids.
+        """
+        return [piece or "" for piece in self._hf.convert_ids_to_tokens(list(ids))]
 
     def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
         """The chat prompt as text (BOS included when the template emits it)."""

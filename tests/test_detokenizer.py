@@ -163,3 +163,12 @@ def test_invalid_bytes_are_released_not_held(llama_tokenizer: Tokenizer) -> None
     steps = _feed(detok, output)
     assert [s.text for s in steps[:5]] == ["\ufffd"] * 5
     assert "".join(s.text for s in steps) + detok.flush() == _expected(llama_tokenizer, prompt, output)
+
+
+def test_ids_beyond_the_tokenizer_vocab_decode_to_nothing(llama_tokenizer: Tokenizer) -> None:
+    """A model whose embedding is padded past the tokenizer can emit unknown ids; they must not crash."""
+    beyond = llama_tokenizer.vocab_size + 7
+    prompt = llama_tokenizer.encode("Hello") + [beyond]
+    detok = IncrementalDetokenizer(llama_tokenizer, prompt)
+    text = detok.add_tokens([beyond]).text + detok.add_tokens(llama_tokenizer.encode(" world", False)).text
+    assert (text + detok.flush()).strip() == "world"
