@@ -15,7 +15,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as RawTokenizer
 from transformers import PreTrainedTokenizerFast
 
@@ -27,8 +27,18 @@ NUM_RESERVED = len(SPECIAL_TOKENS) + len(BYTE_TOKENS)  # 259: learned pieces sta
 _MAX_ALPHABET = 1000
 
 
-def _metaspace() -> pre_tokenizers.Metaspace:
-    return pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+# After spaces become "▁": newline runs, then words with their leading "▁" run, then trailing "▁" runs. Keeping
+# a run of spaces with the word that follows lets BPE learn indentation pieces ("▁▁▁▁") as sentencepiece does.
+_PIECES = Regex(r"\n+|▁*[^▁\n]+|▁+")
+
+
+def _metaspace() -> pre_tokenizers.PreTokenizer:
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False),
+            pre_tokenizers.Split(_PIECES, behavior="isolated"),
+        ]
+    )
 
 
 def _train_bpe(texts: Iterable[str], num_learned: int) -> tuple[dict[str, int], list[tuple[str, str]]]:

@@ -10,13 +10,14 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from model.bundled import BUNDLED_MODEL_DIR
 from server.api.settings import ServerSettings
 from server.engine.config import EngineConfig
 
 PROG = "jetmoe-serve"
 ENV_PREFIX = "JETMOE_"
-# NOTE: the one place to change once a model is bundled with the package (None: --model is required).
-DEFAULT_MODEL: str | None = None
+# Served when --model is not given: the small JetMoe trained on Python sources and shipped in the package.
+DEFAULT_MODEL: str | None = str(BUNDLED_MODEL_DIR)
 DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16", "half")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
@@ -65,6 +66,8 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     add("--max-num-batched-tokens", "tokens computed in one engine step at most", "2048", _positive)
     add("--max-queued-requests", "answer 429 when this many requests wait (default: no limit)", type=_positive)
     add("--api-key", "require 'Authorization: Bearer KEY' (except on /health and /metrics)", metavar="KEY")
+    add("--max-request-bytes", "answer 413 to request bodies larger than this, e.g. 8MiB or 512KB", "8MiB",
+        _size, metavar="SIZE")
     add("--drain-timeout", "on SIGTERM, seconds in-flight requests may take to finish", "30", _seconds, metavar="SECONDS")
     add("--log-level", f"one of {', '.join(LOG_LEVELS)}", "info", _log_level)
     return parser
@@ -88,7 +91,8 @@ def parse_args(argv: Sequence[str] | None = None,
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     name = args.served_model_name or Path(args.model).resolve().name or str(args.model)
     return ServerSettings(served_model_name=name, api_key=args.api_key or None,
-                          max_queued_requests=args.max_queued_requests, drain_timeout=args.drain_timeout)
+                          max_queued_requests=args.max_queued_requests, drain_timeout=args.drain_timeout,
+                          max_request_bytes=args.max_request_bytes)
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

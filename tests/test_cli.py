@@ -49,8 +49,16 @@ def test_help_lists_every_flag_and_its_variable(capsys) -> None:
     assert "JETMOE_PORT" in out and "(default: 8000)" in out
 
 
-def test_model_is_required(capsys) -> None:
-    assert main([]) == 2
+def test_without_model_the_bundled_checkpoint_is_served() -> None:
+    from model.bundled import BUNDLED_MODEL_DIR
+
+    _, settings, config = parse_args([], environ={})
+    assert config.model == str(BUNDLED_MODEL_DIR) and settings.served_model_name == "tiny-jetmoe"
+    assert (BUNDLED_MODEL_DIR / "config.json").is_file()
+
+
+def test_empty_model_is_refused(capsys) -> None:
+    assert main(["--model", ""]) == 2
     assert "--model is required" in one_error_line(capsys)
 
 

@@ -1,0 +1,8 @@
+"""The small JetMoe trained by ``model.train_tiny`` and shipped inside the package."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+BUNDLED_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "tiny-jetmoe"
+BUNDLED_MODEL_NAME = "tiny-jetmoe"
