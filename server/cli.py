@@ -68,6 +68,8 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     add("--api-key", "require 'Authorization: Bearer KEY' (except on /health and /metrics)", metavar="KEY")
     add("--max-request-bytes", "answer 413 to request bodies larger than this, e.g. 8MiB or 512KB", "8MiB",
         _size, metavar="SIZE")
+    add("--cpu-threads", "PyTorch threads when running on CPU (default: all cores but one, which is left to "
+        "the HTTP layer)", type=_positive)
     add("--drain-timeout", "on SIGTERM, seconds in-flight requests may take to finish", "30", _seconds, metavar="SECONDS")
     add("--log-level", f"one of {', '.join(LOG_LEVELS)}", "info", _log_level)
     return parser
