@@ -24,6 +24,7 @@ test: install
 
 lint: install
 	$(BIN)/ruff check server model tests benchmarks scripts
+	$(BIN)/mypy server/engine --ignore-missing-imports
 
 bench: install
 	$(BIN)/python benchmarks/bench_model.py

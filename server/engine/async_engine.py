@@ -154,13 +154,16 @@ class AsyncEngine:
             command()
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        orphans = set()
         with self._lock:
             for output in outputs:
                 stream = self._streams.get(output.request_id)
                 if stream is not None:
                     stream.put(output)
                 elif not output.finished:  # nobody listens any more
-                    self._submit(lambda rid=output.request_id: self.engine.abort(rid))
+                    orphans.add(output.request_id)
+        for request_id in orphans:  # runs on the engine thread, which owns the engine
+            self.engine.abort(request_id)
 
     def _deliver_error(self, request_id: str, exc: BaseException) -> None:
         with self._lock:
