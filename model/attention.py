@@ -106,8 +106,9 @@ def _decode_attention(
     """One query token per sequence, ``query`` ``[b, K, Hkv, Dh]``."""
     tables, valid = group.block_tables, group.valid
     batch, _, heads, dim = query.shape
-    keys = kv_cache[0][tables].view(batch, -1, heads, dim).transpose(1, 2)  # [b, Hkv, S, Dh]
-    values = kv_cache[1][tables].view(batch, -1, heads, dim).transpose(1, 2)  # [b, Hkv, S, Dh]
+    flat = tables.reshape(-1)  # index_select gathers blocks several times faster than advanced indexing on CPU
+    keys = kv_cache[0].index_select(0, flat).view(batch, -1, heads, dim).transpose(1, 2)  # [b, Hkv, S, Dh]
+    values = kv_cache[1].index_select(0, flat).view(batch, -1, heads, dim).transpose(1, 2)  # [b, Hkv, S, Dh]
     q = query.permute(0, 2, 1, 3)  # [b, Hkv, K, Dh]
     mask = valid[:, None, None, :]  # [b, 1, 1, S]
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)  # [b, Hkv, K, Dh]
@@ -127,8 +128,8 @@ def _prefill_attention(
     if piece.context_len == q_len:  # nothing cached before this chunk: use the fresh K/V directly
         keys, values = key, value  # [C, Hkv, Dh]
     else:
-        keys = kv_cache[0][piece.block_ids].view(-1, heads, dim)[: piece.context_len]  # [C, Hkv, Dh]
-        values = kv_cache[1][piece.block_ids].view(-1, heads, dim)[: piece.context_len]  # [C, Hkv, Dh]
+        keys = kv_cache[0].index_select(0, piece.block_ids).view(-1, heads, dim)[: piece.context_len]  # [C, Hkv, Dh]
+        values = kv_cache[1].index_select(0, piece.block_ids).view(-1, heads, dim)[: piece.context_len]  # [C, Hkv, Dh]
     if piece.context_len == q_len:
         # Plain causal attention: grouped-query layout where query head j*K + k reads KV head j.
         # K/V are expanded rather than passed with enable_gqa, which CPU SDPA serves only on its slow path.
