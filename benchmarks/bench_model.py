@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from bench_engine import SHAPE as ENGINE_SHAPE  # noqa: E402 - run as a script: benchmarks/ is on sys.path
 from transformers import DynamicCache, JetMoeConfig
 from transformers import JetMoeForCausalLM as HFJetMoe
 
@@ -22,16 +23,8 @@ from model.attention import allocate_kv_cache
 from model.attention_metadata import build_flat_batch
 from model.loader import load_model
 
-SHAPE = dict(
-    vocab_size=32000,
-    hidden_size=256,
-    num_hidden_layers=4,
-    num_key_value_heads=4,
-    kv_channels=32,
-    intermediate_size=512,
-    num_local_experts=8,
-    num_experts_per_tok=2,
-)
+# The engine benchmark's model shape (hidden 256, 4 layers, 8 experts top-2, 4 KV heads of 32, vocab 32000).
+SHAPE = {k: v for k, v in ENGINE_SHAPE.items() if k != "initializer_range"}
 BLOCK = 16
 
 

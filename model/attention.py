@@ -94,10 +94,23 @@ class TorchPagedAttention:
         if meta.decode is not None:
             group = meta.decode
             out[group.token_index] = _decode_attention(query[group.token_index], kv_cache, group, scale)
-        for piece in meta.prefills:
-            rows = slice(piece.token_start, piece.token_start + piece.query_len)
-            out[rows] = _prefill_attention(query[rows], key[rows], value[rows], kv_cache, piece, scale)
+        prefill_attention(out, query, key, value, kv_cache, meta, scale)
         return out
+
+
+def prefill_attention(
+    out: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> None:
+    """Write into ``out`` the attention of every prefill (or chunk) of the batch, one SDPA call each."""
+    for piece in meta.prefills:
+        rows = slice(piece.token_start, piece.token_start + piece.query_len)
+        out[rows] = _prefill_attention(query[rows], key[rows], value[rows], kv_cache, piece, scale)
 
 
 def _decode_attention(

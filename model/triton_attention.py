@@ -1,7 +1,7 @@
 """Triton kernels for paged attention: K/V cache writes and decode attention over block tables.
 
 ``TritonPagedAttention`` implements ``AttentionBackend``. Decode tokens (one new token per sequence) go through
-a paged decode kernel; prefills and prefill chunks reuse the reference SDPA path (``_prefill_attention``), so a
+a paged decode kernel; prefills and prefill chunks reuse the reference SDPA path (``prefill_attention``), so a
 mixed batch is served by one ``attend`` call.
 
 Kernels (one launch each per layer and step):
@@ -40,7 +40,7 @@ import triton.language as tl
 # exactly what tl.sum and tl.max do.
 from triton.language.standard import _elementwise_max, _sum_combine
 
-from model.attention import _prefill_attention
+from model.attention import prefill_attention
 from model.attention_metadata import AttentionMetadata, DecodeGroup
 
 _NEG_BIG = tl.constexpr(
@@ -434,9 +434,7 @@ class TritonPagedAttention:
                 block_n=self.block_n,
                 num_warps=self.num_warps,
             )
-        for piece in meta.prefills:
-            rows = slice(piece.token_start, piece.token_start + piece.query_len)
-            out[rows] = _prefill_attention(query[rows], key[rows], value[rows], kv_cache, piece, scale)
+        prefill_attention(out, query, key, value, kv_cache, meta, scale)
         return out
 
     def _context_lens(self, group: DecodeGroup) -> torch.Tensor:
