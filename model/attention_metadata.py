@@ -23,6 +23,7 @@ class DecodeGroup:
     """The sequences of a batch that add exactly one token, batched for one attention call."""
 
     token_index: torch.Tensor  # [b] flat index of each decode token
+    context_lens: torch.Tensor  # [b] int32 keys each decode token attends to
     block_tables: torch.Tensor  # [b, max_blocks]
     valid: torch.Tensor  # [b, max_blocks * block_size] True where the key position is inside the context
 
@@ -139,6 +140,7 @@ def _decode_group(
     valid = torch.arange(needed * block_size)[None, :] < ctx[:, None]  # [b, S]
     return DecodeGroup(
         token_index=starts[rows_t].to(device),
+        context_lens=ctx.to(device=device, dtype=torch.int32),
         block_tables=sub_tables.to(device),
         valid=valid.to(device),
     )

@@ -385,8 +385,8 @@ class TritonPagedAttention:
 
     ``num_splits``: context splits per decode sequence; ``None`` picks them so that small decode batches still
     fill the GPU (one split on CPU). ``use_dot``, ``block_n``, ``num_warps``: see ``decode_attention``.
-    Nothing is cached across steps: the decode context lengths are derived from ``DecodeGroup.valid`` once per
-    step (the first layer's call) and reused by the other layers.
+    The backend holds no per-step state: decode context lengths come with the metadata
+    (``DecodeGroup.context_lens``).
     """
 
     MIN_TOKENS_PER_SPLIT = 128
@@ -402,7 +402,6 @@ class TritonPagedAttention:
         self.use_dot = use_dot
         self.block_n = block_n
         self.num_warps = num_warps
-        self._lens_of: tuple[DecodeGroup, torch.Tensor] | None = None
 
     def write_kv(
         self, kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, meta: AttentionMetadata
@@ -427,7 +426,7 @@ class TritonPagedAttention:
                 out,
                 group.token_index,
                 group.block_tables,
-                self._context_lens(group),
+                group.context_lens,
                 scale,
                 num_splits=self._splits(query, group),
                 use_dot=self.use_dot,
@@ -436,12 +435,6 @@ class TritonPagedAttention:
             )
         prefill_attention(out, query, key, value, kv_cache, meta, scale)
         return out
-
-    def _context_lens(self, group: DecodeGroup) -> torch.Tensor:
-        """``[b]`` int32 keys per decode sequence; computed on the first layer of a step, reused by the rest."""
-        if self._lens_of is None or self._lens_of[0] is not group:
-            self._lens_of = (group, group.valid.sum(1, dtype=torch.int32))
-        return self._lens_of[1]
 
     def _splits(self, query: torch.Tensor, group: DecodeGroup) -> int:
         if self.num_splits is not None:

@@ -158,14 +158,11 @@ def test_mixed_batch_matches_reference(shape, variant, dtype) -> None:
     assert_close(batch.attend(backend_for(variant, dtype)), batch.attend(TorchPagedAttention()), dtype)
 
 
-def test_context_lengths_are_derived_once_per_step() -> None:
-    backend = TritonPagedAttention()
-    first = Batch(SHAPES[0], query_lens=[1, 1], context_lens=[3, 9], seed=4)
-    lens = backend._context_lens(first.meta.decode)
-    assert lens.tolist() == [3, 9]
-    assert backend._context_lens(first.meta.decode) is lens  # the other layers of the same step
-    second = Batch(SHAPES[0], query_lens=[1, 1], context_lens=[4, 10], seed=4)
-    assert backend._context_lens(second.meta.decode).tolist() == [4, 10]  # a new step recomputes
+def test_decode_metadata_carries_context_lengths() -> None:
+    batch = Batch(SHAPES[0], query_lens=[1, 4, 1], context_lens=[3, 6, 9], seed=4)
+    group = batch.meta.decode
+    assert group.context_lens.tolist() == [3, 9] and group.context_lens.dtype == torch.int32
+    assert group.context_lens.tolist() == group.valid.sum(1).tolist()
 
 
 def test_cpu_tensors_without_interpreter_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
