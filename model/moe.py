@@ -1,8 +1,17 @@
 """Top-k routing and expert dispatch for JetMoe's mixture of MLP experts and mixture of attention heads.
 
 Tokens are never looped over in Python: the ``T x top_k`` (token, expert) assignments are sorted by expert,
-the inputs gathered in that order, and each active expert runs one matmul over its contiguous slice
+the inputs gathered in that order, and the experts' matmuls run over their contiguous slices
 (``grouped_linear``). Expert weights are stacked ``[E, out, in]`` as in the checkpoint.
+
+Three interchangeable ways to run those matmuls (``EXPERT_PATHS``), chosen per call by ``"auto"``:
+
+- ``"grouped_mm"``: one ``torch._grouped_mm`` (CUTLASS) call; CUDA sm_90+ in bf16, 16-byte aligned;
+- ``"triton"``: one Triton grouped GEMM (``model.triton_grouped_gemm``); any other CUDA case;
+- ``"loop"``: one ``torch.mm`` per active expert, the reference (and the CPU path).
+
+The first two read the expert counts only on the device, so a forward pass on CUDA never waits for the GPU
+and can be captured in a CUDA graph; the loop reads the counts back to the host.
 """
 
 from __future__ import annotations
@@ -94,33 +103,78 @@ class TopKRouter(nn.Module):
         )
 
 
+EXPERT_PATHS = ("auto", "grouped_mm", "triton", "loop")
+
+
 class ExpertWeights(nn.Module):
-    """Stacked per-expert weight ``[E, out, in]``."""
+    """Stacked per-expert weight ``[E, out, in]``; ``path`` picks how the grouped matmul runs."""
 
     def __init__(self, num_experts: int, in_features: int, out_features: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
+        self.path = "auto"
 
-    def forward(self, x_sorted: torch.Tensor, counts: tuple[int, ...]) -> torch.Tensor:
-        return grouped_linear(x_sorted, self.weight, counts)
+    def forward(self, x_sorted: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+        return grouped_linear(x_sorted, self.weight, counts, self.path)
 
 
-def grouped_linear(x_sorted: torch.Tensor, weight: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+def set_expert_path(model: nn.Module, path: str) -> None:
+    """Run every expert matmul of ``model`` through ``path`` (one of ``EXPERT_PATHS``)."""
+    if path not in EXPERT_PATHS:
+        raise ValueError(f"unknown expert path {path!r}; choose one of {', '.join(EXPERT_PATHS)}")
+    for module in model.modules():
+        if isinstance(module, ExpertWeights):
+            module.path = path
+
+
+def grouped_linear(
+    x_sorted: torch.Tensor, weight: torch.Tensor, counts: Sequence[int], path: str = "auto"
+) -> torch.Tensor:
     """``x_sorted`` ``[N, in]`` grouped by expert (``counts[e]`` rows each) times ``weight[e]`` ``[out, in]``.
 
-    On CUDA in bf16 (and where ``torch._grouped_mm`` exists and the strides are 16-byte aligned) this is one
-    ``torch._grouped_mm`` call over the cumulative offsets, which ``ExpertCounts`` keeps on the device, so no
-    host sync happens; everywhere else it is the per-expert loop (``grouped_linear_reference``).
+    ``path`` as in ``EXPERT_PATHS``; ``"auto"`` is ``resolve_expert_path``. The grouped paths take the
+    cumulative offsets that ``ExpertCounts`` keeps on the device, so they never sync with the host.
     """
-    if _grouped_mm_applies(x_sorted, weight):
-        if isinstance(counts, ExpertCounts):
-            offsets = counts.offsets
-        else:
-            offsets = torch.tensor(
-                list(itertools.accumulate(counts)), dtype=torch.int32, device=x_sorted.device
-            )
+    path = resolve_expert_path(x_sorted, weight) if path == "auto" else path
+    if path == "loop":
+        return grouped_linear_reference(x_sorted, weight, counts)
+    offsets = _device_offsets(counts, x_sorted.device)
+    if path == "grouped_mm":
         return grouped_linear_grouped_mm(x_sorted, weight, offsets)
-    return grouped_linear_reference(x_sorted, weight, counts)
+    if path == "triton":
+        from model.triton_grouped_gemm import grouped_gemm
+
+        return grouped_gemm(x_sorted, weight, offsets)
+    raise ValueError(f"unknown expert path {path!r}; choose one of {', '.join(EXPERT_PATHS)}")
+
+
+def resolve_expert_path(x_sorted: torch.Tensor, weight: torch.Tensor) -> str:
+    """``"grouped_mm"`` where its fast kernel applies, else ``"triton"`` on CUDA, else ``"loop"``."""
+    if _grouped_mm_applies(x_sorted, weight):
+        return "grouped_mm"
+    if x_sorted.is_cuda and triton_available():
+        return "triton"
+    return "loop"
+
+
+def sync_free_experts(device: torch.device) -> bool:
+    """Whether ``"auto"`` expert matmuls on ``device`` never read the expert counts back to the host."""
+    return torch.device(device).type == "cuda" and triton_available()
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import model.triton_grouped_gemm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _device_offsets(counts: Sequence[int], device: torch.device) -> torch.Tensor:
+    if isinstance(counts, ExpertCounts):
+        return counts.offsets
+    return torch.tensor(list(itertools.accumulate(counts)), dtype=torch.int32, device=device)
 
 
 def grouped_linear_reference(
@@ -156,6 +210,7 @@ def _aligned(t: torch.Tensor) -> bool:
 def _grouped_mm_applies(x_sorted: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
         x_sorted.is_cuda
+        and _has_fast_grouped_mm(x_sorted.device)
         and x_sorted.dtype == torch.bfloat16
         and weight.dtype == torch.bfloat16
         and hasattr(torch, "_grouped_mm")
@@ -164,6 +219,12 @@ def _grouped_mm_applies(x_sorted: torch.Tensor, weight: torch.Tensor) -> bool:
         and _aligned(weight)
         and _grouped_mm_works(x_sorted.device)
     )
+
+
+@functools.cache
+def _has_fast_grouped_mm(device: torch.device) -> bool:
+    """sm_90 or newer: below it ``torch._grouped_mm`` falls back to a loop that syncs with the host."""
+    return torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 @functools.cache

@@ -29,6 +29,7 @@ from model.backends import BackendError, select_attention_backend  # noqa: E402
 from model.loader import load_model  # noqa: E402
 from model.triton_attention import TritonPagedAttention, write_kv  # noqa: E402
 from tests.checkpoints import TOP2_OF_8, save_checkpoint  # noqa: E402
+from tests.triton_compile import assert_no_spills, compile_kernels  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -184,70 +185,29 @@ def test_select_attention_backend() -> None:
         select_attention_backend("cpu", "flash")
 
 
-# Compiles the kernels as the GPU would run them (JetMoe-8B: top-2, 16 KV heads of 128) for sm_90 with
-# Triton's bundled ptxas, in a child process without the interpreter, and prints each kernel's resources.
-_SM90_COMPILE = textwrap.dedent(
-    """
-    import inspect, sys
-    import torch, triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from model import triton_attention as ta
+# Compiles the kernels as the GPU would run them (JetMoe-8B: top-2, 16 KV heads of 128) for sm_90.
+_SM90_KERNELS = """
+from model import triton_attention as ta
 
-    def compile_kernel(name, fn, types, constexprs):
-        options = {"num_warps": constexprs.pop("num_warps", 4)}
-        names = inspect.signature(fn.fn).parameters
-        sig = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
-        src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
-        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-        path = f"{sys.argv[1]}/{name}.cubin"
-        open(path, "wb").write(kernel.asm["cubin"])
-        print(path)
-
-    for dtype, ty in ((torch.bfloat16, "bf16"), (torch.float16, "fp16"), (torch.float32, "fp32")):
-        for split in (False, True):
-            ptrs = {"q_ptr": ty, "cache_ptr": ty, "out_ptr": ty, "part_acc_ptr": "fp32", "part_ml_ptr": "fp32",
-                    "token_ptr": "i64", "table_ptr": "i64", "lens_ptr": "i32"}
-            types = {k: "*" + v for k, v in ptrs.items()} | {"scale": "fp32"}
-            options = ta.decode_kernel_options(2, 128, dtype, use_dot=True) | {"SPLIT": split}
-            compile_kernel(f"decode_{ty}_{'split' if split else 'single'}", ta._decode_kernel, types, options)
-        ptrs = {"key_ptr": "*" + ty, "value_ptr": "*" + ty, "cache_ptr": "*" + ty, "slot_ptr": "*i64"}
-        compile_kernel(f"write_kv_{ty}", ta._write_kv_kernel, ptrs, {"HEADS_PAD": 16, "DIM_PAD": 128})
-        ptrs = {"out_ptr": "*" + ty, "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "token_ptr": "*i64"}
-        compile_kernel(f"combine_{ty}", ta._combine_kernel, ptrs, {"TOPK_PAD": 2, "DIM_PAD": 128})
-    """
-)
+for dtype, ty in ((torch.bfloat16, "bf16"), (torch.float16, "fp16"), (torch.float32, "fp32")):
+    for split in (False, True):
+        ptrs = {"q_ptr": ty, "cache_ptr": ty, "out_ptr": ty, "part_acc_ptr": "fp32", "part_ml_ptr": "fp32",
+                "token_ptr": "i64", "table_ptr": "i64", "lens_ptr": "i32"}
+        types = {k: "*" + v for k, v in ptrs.items()} | {"scale": "fp32"}
+        options = ta.decode_kernel_options(2, 128, dtype, use_dot=True) | {"SPLIT": split}
+        compile_kernel(f"decode_{ty}_{'split' if split else 'single'}", ta._decode_kernel, types, options)
+    ptrs = {"key_ptr": "*" + ty, "value_ptr": "*" + ty, "cache_ptr": "*" + ty, "slot_ptr": "*i64"}
+    compile_kernel(f"write_kv_{ty}", ta._write_kv_kernel, ptrs, {"HEADS_PAD": 16, "DIM_PAD": 128})
+    ptrs = {"out_ptr": "*" + ty, "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "token_ptr": "*i64"}
+    compile_kernel(f"combine_{ty}", ta._combine_kernel, ptrs, {"TOPK_PAD": 2, "DIM_PAD": 128})
+"""
 
 
 @pytest.mark.skipif(CUDA, reason="on CUDA the kernels are compiled and run by the other tests")
 def test_kernels_compile_for_sm90_without_spills(tmp_path: Path) -> None:
-    import triton
-
-    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    if not (bin_dir / "ptxas").exists():
-        pytest.skip("this triton has no bundled ptxas")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-    root = Path(__file__).resolve().parents[1]
-    done = subprocess.run(
-        [sys.executable, "-c", _SM90_COMPILE, str(tmp_path)],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    cubins = done.stdout.split()
+    cubins = compile_kernels(_SM90_KERNELS, tmp_path)
     assert len(cubins) == 12
-    cuobjdump = bin_dir / "cuobjdump"
-    if not cuobjdump.exists():
-        return
-    for cubin in cubins:
-        usage = subprocess.run(
-            [str(cuobjdump), "--dump-resource-usage", cubin], capture_output=True, text=True, check=True
-        ).stdout
-        assert "STACK:0 " in usage, f"{Path(cubin).name} spills registers: {usage.strip().splitlines()[-1]}"
+    assert_no_spills(cubins)
 
 
 _PREIMPORTED = textwrap.dedent(
