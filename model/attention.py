@@ -74,6 +74,9 @@ class TorchPagedAttention:
     call with an explicit causal mask that accounts for tokens already in the cache.
     """
 
+    # Its decode gathers every block of the (padded) block table: far too much work at CUDA-graph sizes.
+    supports_cuda_graphs = False
+
     def write_kv(
         self, kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, meta: AttentionMetadata
     ) -> None:

@@ -134,6 +134,13 @@ class JetMoeForCausalLM(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
+    @property
+    def attention_backend(self) -> AttentionBackend:
+        """The backend every layer's attention runs on (they share one)."""
+        layer = self.model.layers[0]
+        assert isinstance(layer, DecoderLayer)
+        return layer.self_attention.backend
+
     def output_weight(self) -> torch.Tensor:
         """The ``[V, D]`` output projection (the embedding when tied)."""
         if self.config.tie_word_embeddings:

@@ -390,6 +390,8 @@ class TritonPagedAttention:
     """
 
     MIN_TOKENS_PER_SPLIT = 128
+    # Reads only the keys inside each context and takes everything from device tensors: graph-capturable.
+    supports_cuda_graphs = True
 
     def __init__(
         self,

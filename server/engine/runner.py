@@ -1,5 +1,8 @@
 """Model runner: turns a scheduled step into the model's flat tensors, runs the model once, samples.
 
+All-decode steps replay a captured CUDA graph when ``enable_decode_graphs`` was called (``DecodeGraphs``);
+every other step runs the model eagerly over ``build_flat_batch``'s metadata.
+
 It also computes prompt log-probabilities (for ``echo`` with ``logprobs``): the logits at prompt position
 ``p`` give the log-probability of prompt token ``p + 1`` and its top alternatives.
 """
@@ -13,6 +16,7 @@ import torch
 
 from model.attention import allocate_kv_cache, kv_cache_bytes_per_block
 from model.attention_metadata import build_flat_batch
+from model.decode_graphs import DecodeGraphs
 from model.jetmoe import JetMoeForCausalLM
 from server.engine.request import Request, TokenLogprob
 from server.engine.sampler import Sampler, SamplerOutput, SamplingRow
@@ -33,28 +37,48 @@ class StepInputs:
     prompt_rows: list[tuple[ScheduledRequest, int, int]]  # request, first logits row, first prompt position
 
 
+def kv_block_bytes(model: JetMoeForCausalLM, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes one KV block takes across all layers."""
+    c = model.config
+    return kv_cache_bytes_per_block(c.num_layers, block_size, c.num_kv_heads, c.head_dim, dtype)
+
+
 def kv_blocks_for_memory(
     model: JetMoeForCausalLM, block_size: int, memory_bytes: int, dtype: torch.dtype
 ) -> int:
-    """How many KV blocks fit in ``memory_bytes``."""
-    c = model.config
-    per_block = kv_cache_bytes_per_block(c.num_layers, block_size, c.num_kv_heads, c.head_dim, dtype)
-    return memory_bytes // per_block
+    """How many KV blocks the block manager gets from ``memory_bytes`` (one more is the runner's padding block)."""
+    return memory_bytes // kv_block_bytes(model, block_size, dtype) - 1
 
 
 class ModelRunner:
-    """Owns the KV cache tensors and runs one model call per engine step."""
+    """Owns the KV cache tensors and runs one model call per engine step.
+
+    The cache has ``num_blocks + 1`` blocks: the last one (``padding_block``) is never handed out by the block
+    manager; padded rows of a graph-replayed decode step read and write only it.
+    """
 
     def __init__(self, model: JetMoeForCausalLM, num_blocks: int, block_size: int) -> None:
         self.model = model
         self.block_size = block_size
         self.weight = model.output_weight()
         self.device = self.weight.device
+        self.padding_block = num_blocks
         c = model.config
         self.kv_caches = allocate_kv_cache(
-            c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim, self.weight.dtype, self.device
+            c.num_layers, num_blocks + 1, block_size, c.num_kv_heads, c.head_dim, self.weight.dtype, self.device
         )
         self.sampler = Sampler()
+        self.decode_graphs: DecodeGraphs | None = None
+
+    def enable_decode_graphs(self, batch_sizes: Sequence[int], max_model_len: int, capture: bool = True) -> None:
+        """Capture decode graphs at ``batch_sizes`` for sequences up to ``max_model_len`` tokens.
+
+        ``capture=False`` replays eagerly through the same padded static buffers (CPU tests).
+        """
+        max_blocks = -(-max_model_len // self.block_size)
+        self.decode_graphs = DecodeGraphs(
+            self.model, self.kv_caches, batch_sizes, max_blocks, self.block_size, self.padding_block, capture
+        )
 
     def execute(self, step: SchedulerOutput) -> dict[tuple[str, int], SamplerOutput]:
         """Run one step; returns, per sampling request key, its one-row sampler output.
@@ -62,6 +86,20 @@ class ModelRunner:
         Prompt log-probabilities are appended to ``request.prompt_logprobs`` as a side effect.
         """
         inputs = self._prepare(step.scheduled)
+        logits = self._forward(inputs)  # [N, V]
+        self._prompt_logprobs(logits, inputs.prompt_rows)
+        if not inputs.samplers:
+            return {}
+        rows = [_sampling_row(s.request) for s in inputs.samplers]
+        sampled = self.sampler(logits[inputs.sample_rows], rows)
+        return {s.request.key: _row_of(sampled, i) for i, s in enumerate(inputs.samplers)}
+
+    def _forward(self, inputs: StepInputs) -> torch.Tensor:
+        graphs = self.decode_graphs
+        if graphs is not None and graphs.fits(inputs.query_lens):
+            logits = graphs.run(inputs.token_ids, inputs.context_lens, inputs.block_tables)  # [B, V]
+            rows = torch.tensor(inputs.logits_indices, dtype=torch.long, device=self.device)  # [N]
+            return logits.index_select(0, rows)  # [N, V]
         positions, meta = build_flat_batch(
             inputs.query_lens,
             inputs.context_lens,
@@ -71,13 +109,7 @@ class ModelRunner:
             logits_indices=inputs.logits_indices,
         )
         ids = torch.tensor(inputs.token_ids, dtype=torch.long, device=self.device)  # [T]
-        logits = self.model(ids, positions, self.kv_caches, meta)  # [N, V]
-        self._prompt_logprobs(logits, inputs.prompt_rows)
-        if not inputs.samplers:
-            return {}
-        rows = [_sampling_row(s.request) for s in inputs.samplers]
-        sampled = self.sampler(logits[inputs.sample_rows], rows)
-        return {s.request.key: _row_of(sampled, i) for i, s in enumerate(inputs.samplers)}
+        return self.model(ids, positions, self.kv_caches, meta)  # [N, V]
 
     def _prepare(self, scheduled: Sequence[ScheduledRequest]) -> StepInputs:
         inputs = StepInputs([], [], [], [], [], [], [], [])
