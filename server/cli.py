@@ -60,8 +60,15 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     add("--block-size", "tokens per KV cache block", "16", _positive)
     add("--num-kv-blocks", "KV cache blocks (default: sized from --kv-cache-memory or free GPU memory)",
         type=_positive)
-    add("--kv-cache-memory", "KV cache size, e.g. 4GiB or 512MB (default: 1GiB on cpu, 90%% of free GPU "
-        "memory on cuda)", type=_size, metavar="SIZE")
+    add("--kv-cache-memory", "KV cache size, e.g. 4GiB or 512MB (default: 1GiB on cpu; on cuda what "
+        "--gpu-memory-utilization leaves after the weights and the profiled activation peak)", type=_size,
+        metavar="SIZE")
+    add("--gpu-memory-utilization", "fraction of the GPU's total memory this server may use (weights, "
+        "activations and KV cache)", "0.9", _fraction, metavar="FRACTION")
+    add("--enforce-eager", "run every step eagerly: no CUDA graphs for decode steps (true/false)", "false",
+        _bool, metavar="BOOL", nargs="?", const=True)
+    add("--attention-backend", "auto, torch or triton (auto: the Triton kernels on cuda, the PyTorch "
+        "reference elsewhere)", "auto", _backend, metavar="NAME")
     add("--max-num-seqs", "sequences in one batch at most", "64", _positive)
     add("--max-num-batched-tokens", "tokens computed in one engine step at most", "2048", _positive)
     add("--max-queued-requests", "answer 429 when this many requests wait (default: no limit)", type=_positive)
@@ -102,7 +109,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         model=str(args.model), device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len,
+        max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
+        enforce_eager=args.enforce_eager, attention_backend=args.attention_backend,
     )
 
 
@@ -147,6 +155,31 @@ def _choice(value: str, choices: Sequence[str], what: str) -> str:
     if value.lower() not in choices:
         raise argparse.ArgumentTypeError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
     return value.lower()
+
+
+def _fraction(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not 0.0 < number <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {value!r}")
+    return number
+
+
+def _bool(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = value.strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def _backend(value: str) -> str:
+    return _choice(value, ("auto", "torch", "triton"), "attention backend")
 
 
 def _dtype(value: str) -> str:

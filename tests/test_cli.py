@@ -23,7 +23,8 @@ from server.cli import build_parser, env_name, parse_args
 
 FLAGS = ("--model", "--host", "--port", "--served-model-name", "--device", "--dtype", "--max-model-len",
          "--block-size", "--num-kv-blocks", "--kv-cache-memory", "--max-num-seqs", "--max-num-batched-tokens",
-         "--max-queued-requests", "--api-key", "--log-level")
+         "--max-queued-requests", "--api-key", "--log-level", "--gpu-memory-utilization", "--enforce-eager",
+         "--attention-backend")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -89,6 +90,26 @@ def test_environment_defaults_and_flags_win(tmp_path) -> None:
     assert config.dtype == "bf16" and config.device == "auto" and config.num_kv_blocks is None
     _, settings, _ = parse_args(["--served-model-name", "x", "--max-queued-requests", "4"], environ=env)
     assert settings.served_model_name == "x" and settings.max_queued_requests == 4
+
+
+def test_gpu_flags() -> None:
+    _, _, config = parse_args([], environ={})
+    assert config.gpu_memory_utilization == 0.9 and not config.enforce_eager and config.attention_backend == "auto"
+    _, _, config = parse_args(["--enforce-eager", "--gpu-memory-utilization", "0.5", "--attention-backend",
+                               "Torch"], environ={})
+    assert config.enforce_eager and config.gpu_memory_utilization == 0.5 and config.attention_backend == "torch"
+    env = {"JETMOE_ENFORCE_EAGER": "true", "JETMOE_GPU_MEMORY_UTILIZATION": "0.75"}
+    _, _, config = parse_args([], environ=env)
+    assert config.enforce_eager and config.gpu_memory_utilization == 0.75
+    _, _, config = parse_args(["--enforce-eager", "false"], environ=env)
+    assert not config.enforce_eager
+
+
+@pytest.mark.parametrize("argv", [["--gpu-memory-utilization", "0"], ["--gpu-memory-utilization", "1.2"],
+                                  ["--enforce-eager", "maybe"], ["--attention-backend", "flash"]])
+def test_bad_gpu_flags_exit_2(capsys, argv) -> None:
+    assert main(argv) == 2
+    assert argv[0] in one_error_line(capsys)
 
 
 def test_default_model_is_one_constant(monkeypatch, tmp_path) -> None:

@@ -11,8 +11,10 @@ DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 class EngineConfig:
     """How the engine loads the model and sizes its batches and KV cache.
 
-    KV cache size: ``num_kv_blocks`` when set; otherwise ``kv_cache_memory`` bytes (default 1 GiB) on CPU, or
-    ``gpu_memory_utilization`` of the device's free memory after loading on CUDA.
+    KV cache size: ``num_kv_blocks`` when set; otherwise ``kv_cache_memory`` bytes (default 1 GiB on CPU); on
+    CUDA by default what is left of ``gpu_memory_utilization`` of the device's total memory after the weights
+    and the profiled activation peak of the largest step (``server.engine.memory``).
+    ``enforce_eager`` turns off the CUDA graphs that decode steps replay on CUDA.
     """
 
     model: str
@@ -27,6 +29,7 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # "auto": Triton kernels on CUDA, the PyTorch reference elsewhere
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         positive = {

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-
 from model.backends import select_attention_backend
+from model.decode_graphs import graph_batch_sizes
 from model.jetmoe import JetMoeForCausalLM
 from model.loader import load_model, resolve_device
+from model.moe import sync_free_experts
 from model.tokenizer import Tokenizer
 from server.engine.block_manager import BlockManager
 from server.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.memory import GIB, plan_for_device
 from server.engine.request import Request, RequestOutput, TokenLogprob
-from server.engine.runner import ModelRunner, kv_blocks_for_memory
+from server.engine.runner import ModelRunner, kv_block_bytes, kv_blocks_for_memory
 from server.engine.sampler import SamplerOutput, make_generator
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerConfig
@@ -50,10 +52,10 @@ class LLMEngine:
         self.config = config
         self.model = model
         self.tokenizer = tokenizer
-        num_blocks = _num_kv_blocks(config, model)
         self.max_model_len = min(
             config.max_model_len or model.config.max_position_embeddings, model.config.max_position_embeddings
         )
+        num_blocks = _num_kv_blocks(config, model, self.max_model_len)
         if num_blocks * config.block_size < self.max_model_len:
             raise ValueError(
                 f"the KV cache holds {num_blocks * config.block_size} tokens, fewer than max_model_len "
@@ -65,6 +67,13 @@ class LLMEngine:
             self.blocks,
         )
         self.runner = ModelRunner(model, num_blocks, config.block_size)
+        _log_kv_cache(num_blocks, config.block_size, self.max_model_len, model)
+        if decode_graphs_apply(config, model):
+            started = time.perf_counter()
+            sizes = graph_batch_sizes(config.max_num_seqs)
+            self.runner.enable_decode_graphs(sizes, self.max_model_len)
+            logger.info("captured CUDA graphs for decode batches of %s sequences in %.1f s",
+                        ", ".join(map(str, sizes)), time.perf_counter() - started)
         self._requests: dict[str, list[Request]] = {}
 
     @classmethod
@@ -223,13 +232,38 @@ def _token_logprobs(token: int, sampled: SamplerOutput) -> list[TokenLogprob]:
     return [TokenLogprob(token, value, top)]
 
 
-def _num_kv_blocks(config: EngineConfig, model: JetMoeForCausalLM) -> int:
+def decode_graphs_apply(config: EngineConfig, model: JetMoeForCausalLM) -> bool:
+    """CUDA graphs for decode: on CUDA, unless ``enforce_eager``, when the forward never syncs with the host."""
+    device = model.output_weight().device
+    if device.type != "cuda" or config.enforce_eager:
+        return False
+    backend = model.attention_backend
+    if not getattr(backend, "supports_cuda_graphs", False):
+        logger.warning("CUDA graphs are off: attention backend %s cannot be captured", type(backend).__name__)
+        return False
+    if not sync_free_experts(device):
+        logger.warning("CUDA graphs are off: the expert matmuls need triton to run without host syncs")
+        return False
+    return True
+
+
+def _log_kv_cache(num_blocks: int, block_size: int, max_model_len: int, model: JetMoeForCausalLM) -> None:
+    tokens = num_blocks * block_size
+    size = (num_blocks + 1) * kv_block_bytes(model, block_size, model.output_weight().dtype)
+    logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB), %.1fx max_model_len %d",
+                num_blocks, block_size, tokens, size / GIB, tokens / max_model_len, max_model_len)
+
+
+def _num_kv_blocks(config: EngineConfig, model: JetMoeForCausalLM, max_model_len: int) -> int:
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
     weight = model.output_weight()
     if weight.device.type == "cuda" and config.kv_cache_memory is None:
-        free, _ = torch.cuda.mem_get_info(weight.device)
-        memory = int(free * config.gpu_memory_utilization)
+        plan = plan_for_device(
+            model, config.max_num_batched_tokens, max_model_len, config.block_size, config.gpu_memory_utilization
+        )
+        logger.info("memory: %s", plan.describe())
+        memory = plan.kv_cache
     else:
         memory = config.kv_cache_memory or DEFAULT_CPU_KV_CACHE_BYTES
     blocks = kv_blocks_for_memory(model, config.block_size, memory, weight.dtype)
