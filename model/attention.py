@@ -23,6 +23,19 @@ from model.attention_metadata import AttentionMetadata, DecodeGroup, PrefillSlic
 class AttentionBackend(Protocol):
     """Writes new K/V into a layer's paged cache and computes attention for a flat batch."""
 
+    def rotate_and_write(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary ``(cos, sin)`` ``[T, Dh]`` applied to ``query`` ``[T, top_k, Hkv, Dh]`` and ``key``
+        ``[T, Hkv, Dh]``, then ``write_kv`` of the rotated key; returns the rotated ``(query, key)``."""
+        ...
+
     def write_kv(
         self, kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, meta: AttentionMetadata
     ) -> None:
@@ -77,6 +90,19 @@ class TorchPagedAttention:
     # Its decode gathers every block of the (padded) block table: far too much work at CUDA-graph sizes.
     supports_cuda_graphs = False
 
+    def rotate_and_write(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        query, key = apply_rotary(query, *rotary), apply_rotary(key, *rotary)
+        self.write_kv(kv_cache, key, value, meta)
+        return query, key
+
     def write_kv(
         self, kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, meta: AttentionMetadata
     ) -> None:
@@ -99,6 +125,15 @@ class TorchPagedAttention:
             out[group.token_index] = _decode_attention(query[group.token_index], kv_cache, group, scale)
         prefill_attention(out, query, key, value, kv_cache, meta, scale)
         return out
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary embedding: ``x`` ``[T, ..., Dh]`` rotated by ``cos``/``sin`` ``[T, Dh]``."""
+    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[1],)
+    cos, sin = cos.view(shape), sin.view(shape)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
 
 
 def prefill_attention(

@@ -13,24 +13,50 @@ from torch import nn
 from model.attention import AttentionBackend, TorchPagedAttention
 from model.attention_metadata import AttentionMetadata
 from model.config import JetMoeModelConfig
-from model.moe import MoAExperts, MoEMLP
+from model.moe import MoAExperts, MoEMLP, triton_available
 
 # The per-layer norms of JetMoe use this epsilon whatever config.json says; only the final norm reads it.
 LAYER_NORM_EPS = 1e-6
 
 
+NORM_PATHS = ("auto", "torch", "triton")
+
+
 class RMSNorm(nn.Module):
-    """RMSNorm with the variance computed in float32."""
+    """RMSNorm with the variance computed in float32, fused with the residual add that precedes it.
+
+    ``forward(x, residual)`` returns ``(norm(s), s)`` with ``s = x + residual`` (``s = x`` without a residual).
+    ``path``: ``"torch"`` (the reference), ``"triton"`` (one fused kernel, ``model.triton_fused``; it writes ``s``
+    into ``residual``) or ``"auto"`` (Triton on CUDA when it imports).
+    """
 
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.path = "auto"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.path == "triton" or (self.path == "auto" and x.is_cuda and triton_available()):
+            from model.triton_fused import rms_norm
+
+            return rms_norm(x, self.weight, self.eps, residual)
+        if residual is not None:
+            x = x + residual  # [T, D]
         h = x.float()  # [T, D]
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return self.weight * h.to(x.dtype), x
+
+
+def set_norm_path(model: nn.Module, path: str) -> None:
+    """Run every RMSNorm of ``model`` through ``path`` (one of ``NORM_PATHS``)."""
+    if path not in NORM_PATHS:
+        raise ValueError(f"unknown norm path {path!r}; choose one of {', '.join(NORM_PATHS)}")
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            module.path = path
 
 
 class RotaryEmbedding(nn.Module):
@@ -48,15 +74,6 @@ class RotaryEmbedding(nn.Module):
         freqs = positions[:, None].float() * inv_freq[None, :]  # [T, Dh/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [T, Dh]
         return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x`` ``[T, ..., Dh]`` rotated by ``cos``/``sin`` ``[T, Dh]``."""
-    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[1],)
-    cos, sin = cos.view(shape), sin.view(shape)
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
 
 
 class MixtureOfAttention(nn.Module):
@@ -84,8 +101,7 @@ class MixtureOfAttention(nn.Module):
         k, v = self.kv_proj(x).chunk(2, dim=-1)  # [T, Hkv*Dh] each
         k = k.reshape(tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, Dh]
         v = v.reshape(tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, Dh]
-        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        self.backend.write_kv(kv_cache, k, v, meta)
+        q, k = self.backend.rotate_and_write(q, k, v, rotary, kv_cache, meta)
         attn = self.backend.attend(q, k, v, kv_cache, meta, self.scale)  # [T, K, Hkv, Dh]
         return self.experts.reduce(attn.reshape(tokens, q.shape[1], -1), routing)  # [T, D]
 
@@ -103,12 +119,15 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
+        residual: torch.Tensor | None,
         rotary: tuple[torch.Tensor, torch.Tensor],
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        x = x + self.self_attention(self.input_layernorm(x), rotary, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mlp output, residual stream)``: the layer's output is their sum, added by the next norm."""
+        h, residual = self.input_layernorm(x, residual)  # [T, D] each
+        h, residual = self.post_attention_layernorm(self.self_attention(h, rotary, kv_cache, meta), residual)
+        return self.mlp(h), residual
 
 
 class JetMoeBackbone(nn.Module):
@@ -158,7 +177,9 @@ class JetMoeForCausalLM(nn.Module):
         """Logits ``[N, V]`` at ``meta.logits_indices`` for ``input_ids``/``positions`` ``[T]``."""
         x = self.model.embed_tokens(input_ids)  # [T, D]
         rotary = self.model.rotary(positions, x.dtype)
+        residual = None
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
-            x = layer(x, rotary, kv_cache, meta)
-        h = self.model.norm(x[meta.logits_indices])  # [N, D]
+            x, residual = layer(x, residual, rotary, kv_cache, meta)
+        assert residual is not None
+        h, _ = self.model.norm(x[meta.logits_indices], residual[meta.logits_indices])  # [N, D]
         return F.linear(h, self.output_weight())  # [N, V]

@@ -1,6 +1,7 @@
 """Triton kernels for paged attention: K/V cache writes and decode attention over block tables.
 
-``TritonPagedAttention`` implements ``AttentionBackend``. Decode tokens (one new token per sequence) go through
+``TritonPagedAttention`` implements ``AttentionBackend``. Rotary embedding and the K/V cache write are one fused
+kernel (``model.triton_fused.rotary_write_kv``). Decode tokens (one new token per sequence) go through
 a paged decode kernel; prefills and prefill chunks reuse the reference SDPA path (``prefill_attention``), so a
 mixed batch is served by one ``attend`` call.
 
@@ -42,6 +43,7 @@ from triton.language.standard import _elementwise_max, _sum_combine
 
 from model.attention import prefill_attention
 from model.attention_metadata import AttentionMetadata, DecodeGroup
+from model.triton_fused import rotary_write_kv
 
 _NEG_BIG = tl.constexpr(
     -1.0e30
@@ -409,6 +411,20 @@ class TritonPagedAttention:
         self, kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, meta: AttentionMetadata
     ) -> None:
         write_kv(kv_cache, key, value, meta.slot_mapping)
+
+    def rotate_and_write(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One fused kernel (``model.triton_fused.rotary_write_kv``): rotates in place, then writes K/V."""
+        _check_device(query)
+        rotary_write_kv(query, key, value, *rotary, kv_cache, meta.slot_mapping)
+        return query, key
 
     def attend(
         self,
