@@ -10,8 +10,9 @@ JetMoe-8B shapes directly on the GPU in bf16 (nothing is written to disk) and re
   ``generate`` (bf16, SDPA) where it fits; each as a fraction of the HBM roofline (bytes of weights touched per
   step, counted from the routers' real expert choices, plus KV bytes read, over 4.8 TB/s).
 
-Timing uses CUDA events around the model calls only: metadata of every step is built before the timed loop
-(the engine's host-side work is not in these numbers) and no CUDA graphs are used.
+Decode rows: ``ours+graphs`` is what the engine serves on CUDA (each step's inputs loaded into static buffers,
+then one CUDA graph replay; the host-side loading is timed too); ``ours+triton`` and ``ours+torch-ref`` run the
+model eagerly with each step's metadata built before the timed loop. Times are CUDA events.
 
 ``--tiny`` runs the same code paths on CPU (Triton under its interpreter) with a 2-layer model and small
 batches: a dry run that proves the script works, its numbers mean nothing.
@@ -35,6 +36,7 @@ import torch
 from model.attention import AttentionBackend, TorchPagedAttention, allocate_kv_cache
 from model.attention_metadata import AttentionMetadata, build_flat_batch
 from model.config import JetMoeModelConfig
+from model.decode_graphs import DecodeGraphs
 from model.jetmoe import JetMoeForCausalLM
 from model.moe import TopKRouter
 
@@ -383,8 +385,43 @@ def bench_decode(model, plan: Plan, batch: int, timer: Timer) -> dict:
     first = plan.warmup_steps
     seconds = timer(lambda: [step(i) for i in range(first, first + plan.decode_steps)])
     active = active_experts(model, lambda: step(first + plan.decode_steps))
-    per_step = seconds / plan.decode_steps
-    contexts = [plan.context + 1 + first + plan.decode_steps // 2] * batch  # mid-run context
+    return decode_row(model, plan, batch, seconds / plan.decode_steps, active)
+
+
+def bench_graph_decode(model, plan: Plan, batch: int, timer: Timer) -> dict:
+    """The same decode steps as the engine serves them on CUDA: padded static inputs, one CUDA graph replay.
+
+    Each timed step includes the host-side work of loading the step's token ids, positions, slots and block
+    tables into the graph's buffers; token ids are drawn in advance (routing differs per step, as in serving).
+    """
+    device = model.output_weight().device
+    steps = plan.warmup_steps + plan.decode_steps + 1
+    tables, num_blocks = shuffled_tables(batch, plan.context + steps, plan.block_size, seed=batch)
+    caches = new_caches(model, num_blocks + 1, plan.block_size, fill=True)  # + the padding block
+    graphs = DecodeGraphs(
+        model, caches, (batch,), len(tables[0]), plan.block_size, num_blocks, capture=device.type == "cuda"
+    )
+    gen = torch.Generator().manual_seed(batch)
+    ids = [torch.randint(3, model.config.vocab_size, (batch,), generator=gen).tolist() for _ in range(steps)]
+
+    def step(i: int) -> None:
+        graphs.run(ids[i], [plan.context + 1 + i] * batch, tables)
+
+    for i in range(plan.warmup_steps):
+        step(i)
+    first = plan.warmup_steps
+    seconds = timer(lambda: [step(i) for i in range(first, first + plan.decode_steps)])
+    last = first + plan.decode_steps
+    positions, meta = build_flat_batch(
+        [1] * batch, [plan.context + 1 + last] * batch, tables, plan.block_size, device=device
+    )
+    eager_step = lambda: model(torch.tensor(ids[last], device=device), positions, caches, meta)  # noqa: E731
+    return decode_row(model, plan, batch, seconds / plan.decode_steps, active_experts(model, eager_step))
+
+
+def decode_row(model, plan: Plan, batch: int, per_step: float, active: list[tuple[int, int]]) -> dict:
+    """One decode measurement with its bytes moved and roofline fraction."""
+    contexts = [plan.context + 1 + plan.warmup_steps + plan.decode_steps // 2] * batch  # mid-run context
     nbytes = decode_step_bytes(model, active, contexts)
     roofline = (nbytes["weights"] + nbytes["kv"]) / HBM_BYTES_PER_S
     return {
@@ -471,6 +508,15 @@ def report(results: Results, plan: Plan) -> str:
             f"{row.get('weight_gb_per_step', float('nan')):>10.2f} {row.get('kv_gb_per_step', float('nan')):>7.2f} "
             f"{row.get('achieved_tb_per_s', float('nan')):>6.2f} {row.get('roofline_fraction', float('nan')):>8.1%}"
         )
+    served = {r["batch"]: r for r in results.decode if r["who"] == "ours+graphs"}
+    baseline = {r["batch"]: r for r in results.decode if r["who"] == "transformers"}
+    ratios = [
+        f"b={b}: {served[b]['tokens_per_s'] / baseline[b]['tokens_per_s']:.1f}x"
+        for b in sorted(served)
+        if b in baseline
+    ]
+    if ratios:
+        lines += ["", "ours+graphs over transformers generate: " + ", ".join(ratios)]
     if results.notes:
         lines += ["", "notes:"] + [f"  {note}" for note in results.notes]
     return "\n".join(lines)
@@ -529,6 +575,12 @@ def main(argv: Sequence[str] | None = None) -> Results:
         results.prefill["ours"] = {**row, "fraction": flops / row["seconds"] / (results.matmul_tflops * 1e12)}
 
     for batch in plan.decode_batches:
+        print(f"decode batch {batch}: ours+graphs ...", flush=True)
+        row = guarded(
+            f"decode ours+graphs b={batch}", results, lambda b=batch: bench_graph_decode(model, plan, b, timer)
+        )
+        if row:
+            results.decode.append({"who": "ours+graphs", **row})
         print(f"decode batch {batch}: ours+triton ...", flush=True)
         row = guarded(
             f"decode ours+triton b={batch}", results, lambda b=batch: bench_decode(model, plan, b, timer)
@@ -554,7 +606,7 @@ def main(argv: Sequence[str] | None = None) -> Results:
                 **row,
                 "fraction": flops / row["seconds"] / (results.matmul_tflops * 1e12),
             }
-        ours_by_batch = {r["batch"]: r for r in results.decode if r["who"] == "ours+triton"}
+        ours_by_batch = {r["batch"]: r for r in results.decode if r["who"] == "ours+graphs"}
         for batch in hf_batches:
             print(f"decode batch {batch}: transformers generate ...", flush=True)
             row = guarded(

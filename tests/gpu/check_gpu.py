@@ -2,18 +2,21 @@
 
 ``python -m tests.gpu.check_gpu`` runs
 
-1. ``pytest tests/test_triton_attention.py tests/test_grouped_linear.py tests/test_model_parity.py`` (on a CUDA
-   machine the Triton kernels are compiled, the ``tl.dot`` and bf16 cases and the ``torch._grouped_mm`` test
-   run);
+1. ``pytest`` on the kernel, graph and sizing test files (``PYTEST_FILES``): on a CUDA machine the Triton
+   kernels are compiled, the ``tl.dot``, bf16 and ``torch._grouped_mm`` cases run, and decode graphs are
+   really captured and replayed;
 2. one random-weight model with the JetMoe-8B shapes through a ragged scenario (prefills of different lengths,
-   decode steps, a mixed chunk + decode step) in four variants with identical inputs:
-   fp32 + torch reference attention (the oracle), bf16 + torch reference, bf16 + Triton, and bf16 + torch
-   reference with the per-expert loop instead of ``torch._grouped_mm``. It prints each variant's largest logit
-   error against the oracle and fails when Triton's error exceeds twice the bf16 reference's (same for
-   grouped_mm against the loop), i.e. when the fast paths add error beyond bf16 rounding.
+   decode steps, a mixed chunk + decode step) in the ``VARIANTS`` with identical inputs: the fp32 reference
+   (torch attention, per-expert loop, torch norms) is the oracle; the bf16 reference, each fast path on its
+   own (``torch._grouped_mm``, the Triton grouped GEMM, the fused Triton norms), the model as served on CUDA,
+   and the same with decode steps replayed from CUDA graphs. It prints each variant's largest logit error
+   against the oracle and fails when a fast path's error exceeds twice the bf16 reference's, i.e. when it adds
+   error beyond bf16 rounding;
+3. the bundled model's greedy output for 32 prompts through the engine on CUDA (fp32 with and without CUDA
+   graphs, and bf16) against the CPU reference engine (``tests.gpu.bundled_parity``).
 
-Exit status 0 only when both parts pass. ``--tiny`` does the same on CPU (Triton interpreter) with a 2-layer
-model: a dry run of the script.
+Exit status 0 only when every part passes. ``--tiny`` does parts 1-2 on CPU (Triton interpreter, graphs
+replayed eagerly) with a 2-layer model: a dry run of the script.
 """
 
 from __future__ import annotations
@@ -22,19 +25,24 @@ import argparse
 import subprocess
 import sys
 from collections.abc import Sequence
-from contextlib import contextmanager
 
 import torch
 
 from model import moe
 from model.attention import TorchPagedAttention
 from model.attention_metadata import build_flat_batch
-from model.jetmoe import JetMoeForCausalLM
+from model.decode_graphs import DecodeGraphs
+from model.jetmoe import JetMoeForCausalLM, set_norm_path
+from model.moe import set_expert_path
 from tests.gpu.bench_gpu import JETMOE_8B, TINY, build_model, new_caches, set_backend, setup_device
 
 PYTEST_FILES = (
     "tests/test_triton_attention.py",
+    "tests/test_triton_fused.py",
+    "tests/test_triton_grouped_gemm.py",
     "tests/test_grouped_linear.py",
+    "tests/test_decode_graphs.py",
+    "tests/test_kv_cache_sizing.py",
     "tests/test_model_parity.py",
 )
 ERROR_FACTOR = 2.0  # a fast path may add at most this factor over the bf16 reference's own error
@@ -68,30 +76,26 @@ def scenario(vocab_size: int, tiny: bool) -> list[tuple[list[int], list[int], li
     return steps
 
 
-def run_scenario(model: JetMoeForCausalLM, steps, block_size: int) -> list[torch.Tensor]:
+def run_scenario(model: JetMoeForCausalLM, steps, block_size: int, graphs: bool = False) -> list[torch.Tensor]:
+    """Logits of every step at every token; with ``graphs`` the all-decode steps replay a decode graph."""
     device = model.output_weight().device
     longest = max(ctx for _, _, contexts in steps for ctx in contexts)
     per_seq = -(-longest // block_size)
     tables = [list(range(i * per_seq, (i + 1) * per_seq))[::-1] for i in range(3)]  # out of order
-    caches = new_caches(model, 3 * per_seq, block_size, fill=False)
+    caches = new_caches(model, 3 * per_seq + 1, block_size, fill=False)  # the last block pads graph rows
+    replay = None
+    if graphs:
+        replay = DecodeGraphs(model, caches, (1, 2, 4), per_seq, block_size, 3 * per_seq, device.type == "cuda")
     out = []
     for ids, query_lens, contexts in steps:
+        if replay is not None and replay.fits(query_lens):
+            out.append(replay.run(ids, contexts, tables).float().clone())
+            continue
         positions, meta = build_flat_batch(
             query_lens, contexts, tables, block_size, device=device, all_logits=True
         )
         out.append(model(torch.tensor(ids, device=device), positions, caches, meta).float())
     return out
-
-
-@contextmanager
-def loop_experts():
-    """Force the per-expert loop instead of ``torch._grouped_mm``."""
-    original = moe._grouped_mm_applies
-    moe._grouped_mm_applies = lambda *args: False
-    try:
-        yield
-    finally:
-        moe._grouped_mm_applies = original
 
 
 def cast_model(model: JetMoeForCausalLM, dtype: torch.dtype) -> JetMoeForCausalLM:
@@ -107,6 +111,17 @@ def max_error(logits: list[torch.Tensor], oracle: list[torch.Tensor]) -> float:
     return max((a - b).abs().max().item() for a, b in zip(logits, oracle))
 
 
+# (name, attention, expert path, norm path, decode graphs); the first is the bf16 reference the rest are held to.
+VARIANTS = (
+    ("bf16 reference", "torch", "loop", "torch", False),
+    ("bf16 torch-ref, auto experts", "torch", "auto", "torch", False),
+    ("bf16 torch-ref, triton experts", "torch", "triton", "torch", False),
+    ("bf16 torch-ref, triton norms", "torch", "loop", "triton", False),
+    ("bf16 triton (as served)", "triton", "auto", "auto", False),
+    ("bf16 triton + decode graphs", "triton", "auto", "auto", True),
+)
+
+
 def compare_logits(tiny: bool, device: torch.device) -> bool:
     from model.backends import select_attention_backend
 
@@ -115,38 +130,40 @@ def compare_logits(tiny: bool, device: torch.device) -> bool:
     steps = scenario(config.vocab_size, tiny)
     print(f"\nbf16 logits on {'tiny' if tiny else 'JetMoe-8B'} shapes, {len(steps)} steps", flush=True)
     oracle_model = build_model(config, device, torch.float32, TorchPagedAttention(), seed=3)
+    set_expert_path(oracle_model, "loop")
+    set_norm_path(oracle_model, "torch")
     oracle = run_scenario(oracle_model, steps, block_size)
     model = cast_model(oracle_model, torch.bfloat16)
     del oracle_model
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    triton_backend = select_attention_backend(device, "triton")
+    backends = {"torch": TorchPagedAttention(), "triton": select_attention_backend(device, "triton")}
     runs = {}
-    set_backend(model, TorchPagedAttention())
-    runs["bf16 torch-ref"] = run_scenario(model, steps, block_size)
-    with loop_experts():
-        runs["bf16 torch-ref, expert loop"] = run_scenario(model, steps, block_size)
-    set_backend(model, triton_backend)
-    runs["bf16 triton"] = run_scenario(model, steps, block_size)
+    for name, attention, experts, norms, graphs in VARIANTS:
+        if device.type != "cuda" and "triton" in (experts, norms):
+            continue  # the CPU interpreter computes bf16 wrongly (tl.dot, casts); pytest covers it in fp32
+        set_backend(model, backends[attention])
+        set_expert_path(model, experts)
+        set_norm_path(model, norms)
+        runs[name] = run_scenario(model, steps, block_size, graphs=graphs)
     scale = max(t.abs().max().item() for t in oracle)
     errors = {name: max_error(logits, oracle) for name, logits in runs.items()}
-    print(f"  oracle: fp32 + torch reference; largest |logit| {scale:.4f}")
+    total = sum(t.shape[0] for t in oracle)
+    print(f"  oracle: fp32, torch attention, expert loop, torch norms; largest |logit| {scale:.4f}")
     for name, err in errors.items():
         agree = sum((a.argmax(-1) == b.argmax(-1)).sum().item() for a, b in zip(runs[name], oracle))
-        total = sum(t.shape[0] for t in oracle)
-        print(
-            f"  {name:<28} max |error| {err:.5f}  ({err / scale:.2%} of max |logit|), argmax agrees {agree}/{total}"
-        )
-    direct = max_error(runs["bf16 triton"], runs["bf16 torch-ref"])
-    print(f"  bf16 triton vs bf16 torch-ref directly: {direct:.5f}")
-    grouped_mm = device.type == "cuda" and moe._grouped_mm_works(device)
-    print(f"  torch._grouped_mm used by the bf16 runs: {grouped_mm}")
-    bound = ERROR_FACTOR * errors["bf16 torch-ref"] + ERROR_SLACK
-    ok_triton = errors["bf16 triton"] <= bound
-    ok_gmm = errors["bf16 torch-ref"] <= ERROR_FACTOR * errors["bf16 torch-ref, expert loop"] + ERROR_SLACK
-    print(f"  triton within {ERROR_FACTOR} x reference error: {'PASS' if ok_triton else 'FAIL'}")
-    print(f"  grouped_mm within {ERROR_FACTOR} x loop error: {'PASS' if ok_gmm else 'FAIL'}")
-    return ok_triton and ok_gmm
+        print(f"  {name:<32} max |error| {err:.5f} ({err / scale:.2%} of max |logit|), argmax {agree}/{total}")
+    served, replayed = runs["bf16 triton (as served)"], runs["bf16 triton + decode graphs"]
+    print(f"  served vs bf16 reference directly: {max_error(served, runs['bf16 reference']):.5f}")
+    print(f"  decode graphs vs eager directly: {max_error(replayed, served):.5f}")
+    grouped_mm = device.type == "cuda" and moe._has_fast_grouped_mm(device) and moe._grouped_mm_works(device)
+    print(f"  torch._grouped_mm taken by the auto expert path: {grouped_mm}")
+    bound = ERROR_FACTOR * errors["bf16 reference"] + ERROR_SLACK
+    ok = True
+    for name, err in list(errors.items())[1:]:
+        ok = ok and err <= bound
+        print(f"  {name:<32} within {ERROR_FACTOR} x the reference's error: {'PASS' if err <= bound else 'FAIL'}")
+    return ok
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -157,8 +174,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = setup_device(args.tiny)
     tests_ok = True if args.skip_pytest else run_pytest()
     logits_ok = compare_logits(args.tiny, device)
-    print(f"\npytest: {'PASS' if tests_ok else 'FAIL'}; bf16 logits: {'PASS' if logits_ok else 'FAIL'}")
-    return 0 if tests_ok and logits_ok else 1
+    bundled_ok = True
+    if device.type == "cuda":
+        from tests.gpu.bundled_parity import check_bundled_greedy
+
+        bundled_ok = check_bundled_greedy()
+    print(f"\npytest: {'PASS' if tests_ok else 'FAIL'}; bf16 logits: {'PASS' if logits_ok else 'FAIL'}; "
+          f"bundled greedy: {'PASS' if bundled_ok else 'FAIL'}")
+    return 0 if tests_ok and logits_ok and bundled_ok else 1
 
 
 if __name__ == "__main__":
