@@ -13,33 +13,30 @@ from torch import nn
 from model.attention import AttentionBackend, TorchPagedAttention
 from model.attention_metadata import AttentionMetadata
 from model.config import JetMoeModelConfig
-from model.moe import MoAExperts, MoEMLP, triton_available
+from model.moe import MoAExperts, MoEMLP, use_triton
 
 # The per-layer norms of JetMoe use this epsilon whatever config.json says; only the final norm reads it.
 LAYER_NORM_EPS = 1e-6
-
-
-NORM_PATHS = ("auto", "torch", "triton")
 
 
 class RMSNorm(nn.Module):
     """RMSNorm with the variance computed in float32, fused with the residual add that precedes it.
 
     ``forward(x, residual)`` returns ``(norm(s), s)`` with ``s = x + residual`` (``s = x`` without a residual).
-    ``path``: ``"torch"`` (the reference), ``"triton"`` (one fused kernel, ``model.triton_fused``; it writes ``s``
-    into ``residual``) or ``"auto"`` (Triton on CUDA when it imports).
+    ``fused_path``: ``"torch"`` (the reference), ``"triton"`` (one fused kernel, ``model.triton_fused``; it
+    writes ``s`` into ``residual``) or ``"auto"`` (Triton on CUDA when it imports).
     """
 
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.path = "auto"
+        self.fused_path = "auto"
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.path == "triton" or (self.path == "auto" and x.is_cuda and triton_available()):
+        if use_triton(self.fused_path, x):
             from model.triton_fused import rms_norm
 
             return rms_norm(x, self.weight, self.eps, residual)
@@ -48,15 +45,6 @@ class RMSNorm(nn.Module):
         h = x.float()  # [T, D]
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype), x
-
-
-def set_norm_path(model: nn.Module, path: str) -> None:
-    """Run every RMSNorm of ``model`` through ``path`` (one of ``NORM_PATHS``)."""
-    if path not in NORM_PATHS:
-        raise ValueError(f"unknown norm path {path!r}; choose one of {', '.join(NORM_PATHS)}")
-    for module in model.modules():
-        if isinstance(module, RMSNorm):
-            module.path = path
 
 
 class RotaryEmbedding(nn.Module):

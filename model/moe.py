@@ -35,6 +35,25 @@ class Routing:
     gates: torch.Tensor  # [T*K] gate weight of each sorted assignment
     expert_counts: ExpertCounts  # [E] assignments per expert (a tuple-like sequence of ints)
     expert_offsets: torch.Tensor  # [E] int32 cumulative counts on the device: expert e ends at row offsets[e]
+    positions: torch.Tensor  # [T*K] row of each flat assignment in expert order (slot_order's inverse)
+    token_gates: torch.Tensor  # [T, K] gate weights in token order
+
+
+FUSED_PATHS = ("auto", "torch", "triton")
+
+
+def use_triton(path: str, x: torch.Tensor) -> bool:
+    """Whether a module with ``fused_path`` ``path`` runs its Triton kernel on ``x``."""
+    return path == "triton" or (path == "auto" and x.is_cuda and triton_available())
+
+
+def set_fused_path(model: nn.Module, path: str) -> None:
+    """Set ``fused_path`` (routing, expert combine, RMSNorm: one of ``FUSED_PATHS``) on every module of ``model``."""
+    if path not in FUSED_PATHS:
+        raise ValueError(f"unknown fused path {path!r}; choose one of {', '.join(FUSED_PATHS)}")
+    for module in model.modules():
+        if hasattr(module, "fused_path"):
+            setattr(module, "fused_path", path)  # noqa: B010 (modules of several classes)
 
 
 class ExpertCounts(Sequence[int]):
@@ -77,14 +96,21 @@ class ExpertCounts(Sequence[int]):
 
 
 class TopKRouter(nn.Module):
-    """Bias-free linear router: top-k of the logits first, then softmax over the k chosen logits only."""
+    """Bias-free linear router: top-k of the logits first, then softmax over the k chosen logits only.
+
+    ``fused_path`` ``"triton"`` (``"auto"`` on CUDA) routes with ``model.triton_moe.route``: two launches, the
+    same assignments in the same order.
+    """
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int) -> None:
         super().__init__()
         self.top_k = top_k
         self.layer = nn.Linear(hidden_size, num_experts, bias=False)
+        self.fused_path = "auto"
 
     def forward(self, x: torch.Tensor) -> Routing:
+        if use_triton(self.fused_path, x):
+            return self._fused(self.layer(x), x.dtype)
         logits = self.layer(x).float()  # [T, E]
         top_logits, top_experts = logits.topk(self.top_k, dim=1)  # [T, K]
         gates = torch.softmax(top_logits, dim=1).to(x.dtype)  # [T, K]
@@ -94,13 +120,48 @@ class TopKRouter(nn.Module):
         counts = torch.zeros(self.layer.out_features, dtype=torch.int64, device=x.device)
         counts.index_add_(0, flat_experts, torch.ones_like(flat_experts))  # [E]
         offsets = torch.cumsum(counts, 0, dtype=torch.int32)  # [E]
+        positions = _inverse(slot_order)  # [T*K]
         return Routing(
             slot_order=slot_order,
             token_order=torch.div(slot_order, self.top_k, rounding_mode="floor"),
             gates=gates.flatten()[slot_order],
             expert_counts=ExpertCounts(counts, offsets),
             expert_offsets=offsets,
+            positions=positions,
+            token_gates=gates,
         )
+
+    def _fused(self, logits: torch.Tensor, dtype: torch.dtype) -> Routing:
+        from model.triton_moe import route
+
+        r = route(logits, self.top_k, dtype)
+        return Routing(
+            slot_order=r["slot_order"],
+            token_order=r["token_order"],
+            gates=r["gates"],
+            expert_counts=ExpertCounts(r["counts"], r["offsets"]),
+            expert_offsets=r["offsets"],
+            positions=r["positions"],
+            token_gates=r["token_gates"],
+        )
+
+
+def _inverse(order: torch.Tensor) -> torch.Tensor:
+    """The inverse permutation: ``inverse[order[i]] = i``."""
+    return torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
+
+
+def combine_experts(y_sorted: torch.Tensor, routing: Routing, bias: torch.Tensor, path: str) -> torch.Tensor:
+    """``[T, D]``: each token's gate-weighted sum of its ``K`` expert outputs ``y_sorted`` ``[T*K, D]``, plus
+    ``bias`` once; one Triton kernel (``model.triton_moe.combine``) where ``path`` says so."""
+    if use_triton(path, y_sorted):
+        from model.triton_moe import combine
+
+        return combine(y_sorted, routing.positions, routing.token_gates, bias)
+    y = y_sorted * routing.gates[:, None]  # [T*K, D]
+    tokens = routing.token_gates.shape[0]
+    out = y.new_zeros(tokens, y.shape[1]).index_add_(0, routing.token_order, y)  # [T, D]
+    return out + bias
 
 
 EXPERT_PATHS = ("auto", "grouped_mm", "triton", "loop")
@@ -241,7 +302,10 @@ def _grouped_mm_works(device: torch.device) -> bool:
 
 
 class MoEMLP(nn.Module):
-    """Mixture of gated-SiLU MLP experts: ``silu(gate) * up`` then the expert's down projection."""
+    """Mixture of gated-SiLU MLP experts: ``silu(gate) * up`` then the expert's down projection.
+
+    ``fused_path`` picks how the experts' outputs are combined (``combine_experts``).
+    """
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int) -> None:
         super().__init__()
@@ -249,19 +313,21 @@ class MoEMLP(nn.Module):
         self.input_linear = ExpertWeights(num_experts, hidden_size, 2 * intermediate_size)
         self.output_linear = ExpertWeights(num_experts, intermediate_size, hidden_size)
         self.bias = nn.Parameter(torch.empty(hidden_size))
+        self.fused_path = "auto"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         routing = self.router(x)
         h = self.input_linear(x[routing.token_order], routing.expert_counts)  # [T*K, 2F]
         gate, up = h.chunk(2, dim=-1)  # [T*K, F] each
         y = self.output_linear(F.silu(gate) * up, routing.expert_counts)  # [T*K, D]
-        y = y * routing.gates[:, None]  # [T*K, D]
-        out = x.new_zeros(x.shape).index_add_(0, routing.token_order, y)  # [T, D]
-        return out + self.bias
+        return combine_experts(y, routing, self.bias, self.fused_path)  # [T, D]
 
 
 class MoAExperts(nn.Module):
-    """Mixture of attention experts: per-expert query projection (``map``) and output projection (``reduce``)."""
+    """Mixture of attention experts: per-expert query projection (``map``) and output projection (``reduce``).
+
+    ``fused_path`` picks how the experts' outputs are combined (``combine_experts``).
+    """
 
     def __init__(self, hidden_size: int, kv_size: int, num_experts: int, top_k: int) -> None:
         super().__init__()
@@ -270,19 +336,18 @@ class MoAExperts(nn.Module):
         self.input_linear = ExpertWeights(num_experts, hidden_size, kv_size)
         self.output_linear = ExpertWeights(num_experts, kv_size, hidden_size)
         self.bias = nn.Parameter(torch.empty(hidden_size))
+        self.fused_path = "auto"
 
     def map(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         """Queries ``[T, K, Hkv*Dh]``: slot ``k`` of a token is projected by its k-th chosen expert."""
         routing = self.router(x)
         q_sorted = self.input_linear(x[routing.token_order], routing.expert_counts)  # [T*K, Hkv*Dh]
-        q = torch.empty_like(q_sorted)  # [T*K, Hkv*Dh]
-        q[routing.slot_order] = q_sorted
+        q = q_sorted.index_select(0, routing.positions)  # [T*K, Hkv*Dh] back in token order
         return q.view(x.shape[0], self.top_k, -1), routing
 
     def reduce(self, attn: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Gate-weighted sum over slots of each expert's output projection, plus the shared bias once."""
         tokens = attn.shape[0]
         flat = attn.reshape(tokens * self.top_k, -1)[routing.slot_order]  # [T*K, Hkv*Dh]
-        y = self.output_linear(flat, routing.expert_counts) * routing.gates[:, None]  # [T*K, D]
-        out = y.new_zeros(tokens, y.shape[1]).index_add_(0, routing.token_order, y)  # [T, D]
-        return out + self.bias
+        y = self.output_linear(flat, routing.expert_counts)  # [T*K, D]
+        return combine_experts(y, routing, self.bias, self.fused_path)  # [T, D]

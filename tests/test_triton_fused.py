@@ -1,4 +1,5 @@
-"""Fused Triton RMSNorm (+ residual add) and rotary + K/V write against the PyTorch reference.
+"""Fused Triton RMSNorm (+ residual add) and rotary + K/V write against the PyTorch reference, and the whole
+model with every fused kernel (norms, routing, expert combine, rotary) against the reference.
 
 Without CUDA the kernels run under the Triton interpreter, whose float32 -> bfloat16 cast truncates where a
 GPU rounds to nearest: bf16 results are compared within two bf16 steps there, exactly on CUDA.
@@ -21,8 +22,9 @@ pytest.importorskip("triton")
 from model import triton_fused  # noqa: E402
 from model.attention import TorchPagedAttention, allocate_kv_cache, apply_rotary  # noqa: E402
 from model.attention_metadata import build_flat_batch  # noqa: E402
-from model.jetmoe import RMSNorm, RotaryEmbedding, set_norm_path  # noqa: E402
+from model.jetmoe import RMSNorm, RotaryEmbedding  # noqa: E402
 from model.loader import load_model  # noqa: E402
+from model.moe import set_fused_path  # noqa: E402
 from model.triton_attention import TritonPagedAttention  # noqa: E402
 from model.triton_fused import rms_norm, rotary_write_kv  # noqa: E402
 from tests.checkpoints import TOP1_OF_4, save_checkpoint  # noqa: E402
@@ -49,7 +51,7 @@ def reference_norm(dim: int, dtype: torch.dtype, seed: int) -> RMSNorm:
     norm = RMSNorm(dim, 1e-6).to(DEVICE, dtype)
     with torch.no_grad():
         norm.weight.copy_(torch.empty(dim).uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(seed)))
-    norm.path = "torch"
+    norm.fused_path = "torch"
     return norm
 
 
@@ -79,8 +81,8 @@ def test_rms_norm_edge_cases() -> None:
     assert out.shape == (0, 16)
     with pytest.raises(ValueError, match="unit stride"):
         rms_norm(torch.randn(16, 4, device=DEVICE).t(), norm.weight[:4], 1e-6)
-    with pytest.raises(ValueError, match="unknown norm path"):
-        set_norm_path(norm, "apex")
+    with pytest.raises(ValueError, match="unknown fused path"):
+        set_fused_path(norm, "apex")
 
 
 # (tokens, top_k, kv heads, head dim): JetMoe's top-2, top-1, and odd head counts and dims.
@@ -118,9 +120,9 @@ def test_rotary_write_kv_matches_rotary_then_write(shape, dtype: torch.dtype) ->
 def test_whole_model_with_fused_kernels_matches_reference(tmp_path: Path) -> None:
     save_checkpoint(TOP1_OF_4, tmp_path, seed=17)
     reference = load_model(tmp_path, dtype="float32", device=DEVICE, backend=TorchPagedAttention())
-    set_norm_path(reference, "torch")
+    set_fused_path(reference, "torch")
     fused = load_model(tmp_path, dtype="float32", device=DEVICE, backend=TritonPagedAttention())
-    set_norm_path(fused, "triton")
+    set_fused_path(fused, "triton")
     c = reference.config
     lengths = [6, 11, 1]
     pool = list(range(12))

@@ -7,8 +7,8 @@
    really captured and replayed;
 2. one random-weight model with the JetMoe-8B shapes through a ragged scenario (prefills of different lengths,
    decode steps, a mixed chunk + decode step) in the ``VARIANTS`` with identical inputs: the fp32 reference
-   (torch attention, per-expert loop, torch norms) is the oracle; the bf16 reference, each fast path on its
-   own (``torch._grouped_mm``, the Triton grouped GEMM, the fused Triton norms), the model as served on CUDA,
+   (torch attention, per-expert loop, PyTorch ops) is the oracle; the bf16 reference, each fast path on its
+   own (``torch._grouped_mm``, the Triton grouped GEMM, the fused Triton norms, routing and combine), the model as served on CUDA,
    and the same with decode steps replayed from CUDA graphs. It prints each variant's largest logit error
    against the oracle and fails when a fast path's error exceeds twice the bf16 reference's, i.e. when it adds
    error beyond bf16 rounding;
@@ -32,8 +32,8 @@ from model import moe
 from model.attention import TorchPagedAttention
 from model.attention_metadata import build_flat_batch
 from model.decode_graphs import DecodeGraphs
-from model.jetmoe import JetMoeForCausalLM, set_norm_path
-from model.moe import set_expert_path
+from model.jetmoe import JetMoeForCausalLM
+from model.moe import set_expert_path, set_fused_path
 from tests.gpu.bench_gpu import JETMOE_8B, TINY, build_model, new_caches, set_backend, setup_device
 
 PYTEST_FILES = (
@@ -111,12 +111,13 @@ def max_error(logits: list[torch.Tensor], oracle: list[torch.Tensor]) -> float:
     return max((a - b).abs().max().item() for a, b in zip(logits, oracle))
 
 
-# (name, attention, expert path, norm path, decode graphs); the first is the bf16 reference the rest are held to.
+# (name, attention, expert matmul path, fused-op path, decode graphs); the first is the bf16 reference the rest
+# are held to. Fused ops: RMSNorm + residual, routing, expert combine.
 VARIANTS = (
     ("bf16 reference", "torch", "loop", "torch", False),
     ("bf16 torch-ref, auto experts", "torch", "auto", "torch", False),
     ("bf16 torch-ref, triton experts", "torch", "triton", "torch", False),
-    ("bf16 torch-ref, triton norms", "torch", "loop", "triton", False),
+    ("bf16 torch-ref, triton fused ops", "torch", "loop", "triton", False),
     ("bf16 triton (as served)", "triton", "auto", "auto", False),
     ("bf16 triton + decode graphs", "triton", "auto", "auto", True),
 )
@@ -131,7 +132,7 @@ def compare_logits(tiny: bool, device: torch.device) -> bool:
     print(f"\nbf16 logits on {'tiny' if tiny else 'JetMoe-8B'} shapes, {len(steps)} steps", flush=True)
     oracle_model = build_model(config, device, torch.float32, TorchPagedAttention(), seed=3)
     set_expert_path(oracle_model, "loop")
-    set_norm_path(oracle_model, "torch")
+    set_fused_path(oracle_model, "torch")
     oracle = run_scenario(oracle_model, steps, block_size)
     model = cast_model(oracle_model, torch.bfloat16)
     del oracle_model
@@ -139,17 +140,17 @@ def compare_logits(tiny: bool, device: torch.device) -> bool:
         torch.cuda.empty_cache()
     backends = {"torch": TorchPagedAttention(), "triton": select_attention_backend(device, "triton")}
     runs = {}
-    for name, attention, experts, norms, graphs in VARIANTS:
-        if device.type != "cuda" and "triton" in (experts, norms):
+    for name, attention, experts, fused, graphs in VARIANTS:
+        if device.type != "cuda" and "triton" in (experts, fused):
             continue  # the CPU interpreter computes bf16 wrongly (tl.dot, casts); pytest covers it in fp32
         set_backend(model, backends[attention])
         set_expert_path(model, experts)
-        set_norm_path(model, norms)
+        set_fused_path(model, fused)
         runs[name] = run_scenario(model, steps, block_size, graphs=graphs)
     scale = max(t.abs().max().item() for t in oracle)
     errors = {name: max_error(logits, oracle) for name, logits in runs.items()}
     total = sum(t.shape[0] for t in oracle)
-    print(f"  oracle: fp32, torch attention, expert loop, torch norms; largest |logit| {scale:.4f}")
+    print(f"  oracle: fp32, torch attention, expert loop, torch ops; largest |logit| {scale:.4f}")
     for name, err in errors.items():
         agree = sum((a.argmax(-1) == b.argmax(-1)).sum().item() for a, b in zip(runs[name], oracle))
         print(f"  {name:<32} max |error| {err:.5f} ({err / scale:.2%} of max |logit|), argmax {agree}/{total}")
