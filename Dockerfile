@@ -2,7 +2,8 @@
 #   docker build -t jetmoe-serve .
 #   docker run --gpus all -p 8000:8000 -v /path/to/jetmoe-8b:/model jetmoe-serve --model /model   # GPU, real model
 #   docker run -p 8000:8000 jetmoe-serve                                                          # CPU, bundled model
-FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+# 2.9: torch._grouped_mm (sm_90 fast path) and Triton 3.5 for the fused kernels.
+FROM pytorch/pytorch:2.9.0-cuda12.8-cudnn9-runtime
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

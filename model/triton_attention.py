@@ -43,6 +43,7 @@ from triton.language.standard import _elementwise_max, _sum_combine
 
 from model.attention import prefill_attention
 from model.attention_metadata import AttentionMetadata, DecodeGroup
+from model.triton_common import kernel_interpreted, require_kernel_device
 from model.triton_fused import rotary_write_kv
 
 _NEG_BIG = tl.constexpr(
@@ -235,15 +236,11 @@ def _combine_kernel(
 
 def is_interpreted() -> bool:
     """Whether this module's kernels run under the Triton CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
-    return type(_decode_kernel).__name__ == "InterpretedFunction"
+    return kernel_interpreted(_decode_kernel)
 
 
 def _check_device(tensor: torch.Tensor) -> None:
-    if tensor.device.type != "cuda" and not is_interpreted():
-        raise RuntimeError(
-            f"TritonPagedAttention got {tensor.device.type} tensors: Triton kernels need CUDA tensors, or "
-            "TRITON_INTERPRET=1 set before model.triton_attention is imported (CPU interpreter, tests only)"
-        )
+    require_kernel_device(tensor, is_interpreted(), __name__)
 
 
 def _pow2(n: int, minimum: int = 1) -> int:

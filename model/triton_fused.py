@@ -21,6 +21,8 @@ import triton.language as tl
 # NOTE: builtins only (see model.triton_attention): tl.sum is a jit helper the interpreter may not pick up.
 from triton.language.standard import _sum_combine
 
+from model.triton_common import kernel_interpreted, require_kernel_device
+
 
 @triton.jit
 def _rms_norm_kernel(
@@ -126,16 +128,12 @@ def _rotary_write_kv_kernel(
 
 
 def is_interpreted() -> bool:
-    """Whether the kernels run under the Triton CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
-    return type(_rms_norm_kernel).__name__ == "InterpretedFunction"
+    """Whether this module's kernels run under the Triton CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
+    return kernel_interpreted(_rms_norm_kernel)
 
 
 def _check_device(tensor: torch.Tensor) -> None:
-    if tensor.device.type != "cuda" and not is_interpreted():
-        raise RuntimeError(
-            "model.triton_fused needs CUDA tensors, or TRITON_INTERPRET=1 set before it is imported "
-            "(CPU interpreter, tests only)"
-        )
+    require_kernel_device(tensor, is_interpreted(), __name__)
 
 
 def rms_norm(

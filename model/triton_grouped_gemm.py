@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from model.triton_common import kernel_interpreted, require_kernel_device
+
 BLOCK_N = 64
 MAX_BLOCK_M = 128
 
@@ -95,7 +97,7 @@ def _grouped_gemm_kernel(
 
 def is_interpreted() -> bool:
     """Whether the kernel runs under the Triton CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
-    return type(_grouped_gemm_kernel).__name__ == "InterpretedFunction"
+    return kernel_interpreted(_grouped_gemm_kernel)
 
 
 def block_m_for(rows: int, num_experts: int, dtype: torch.dtype = torch.bfloat16) -> int:
@@ -119,11 +121,7 @@ def grouped_gemm(
     ``offsets`` ``[E]`` holds cumulative row counts (int32 or int64, on ``x_sorted``'s device) ending at ``N``.
     ``block_m`` (rows per tile, a power of two >= 16) defaults to ``block_m_for``.
     """
-    if x_sorted.device.type != "cuda" and not is_interpreted():
-        raise RuntimeError(
-            "grouped_gemm needs CUDA tensors, or TRITON_INTERPRET=1 set before model.triton_grouped_gemm is "
-            "imported (CPU interpreter, tests only)"
-        )
+    require_kernel_device(x_sorted, is_interpreted(), __name__)
     rows, in_features = x_sorted.shape
     num_experts, out_features, _ = weight.shape
     out = x_sorted.new_empty(rows, out_features)  # [N, out]

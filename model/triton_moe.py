@@ -26,6 +26,8 @@ import triton.language as tl
 # NOTE: builtins only (see model.triton_attention).
 from triton.language.standard import _elementwise_max, _elementwise_min, _sum_combine
 
+from model.triton_common import kernel_interpreted, require_kernel_device
+
 TOKENS_PER_PROGRAM = 32
 SORT_CHUNK = 256
 COMBINE_BLOCK = 256
@@ -138,16 +140,12 @@ def _combine_kernel(
 
 
 def is_interpreted() -> bool:
-    """Whether the kernels run under the Triton CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
-    return type(_sort_kernel).__name__ == "InterpretedFunction"
+    """Whether this module's kernels run under the Triton CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
+    return kernel_interpreted(_sort_kernel)
 
 
 def _check_device(tensor: torch.Tensor) -> None:
-    if tensor.device.type != "cuda" and not is_interpreted():
-        raise RuntimeError(
-            "model.triton_moe needs CUDA tensors, or TRITON_INTERPRET=1 set before it is imported "
-            "(CPU interpreter, tests only)"
-        )
+    require_kernel_device(tensor, is_interpreted(), __name__)
 
 
 def route(logits: torch.Tensor, top_k: int, gate_dtype: torch.dtype) -> dict[str, torch.Tensor]:

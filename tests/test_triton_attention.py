@@ -17,27 +17,20 @@ from pathlib import Path
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from tests.triton_env import CUDA, DEVICE, skip_unless_kernels_run  # first: may switch on the interpreter
 
-pytest.importorskip("triton")
+# isort: split
 
-from model import triton_attention  # noqa: E402
-from model.attention import TorchPagedAttention, allocate_kv_cache  # noqa: E402
-from model.attention_metadata import build_flat_batch  # noqa: E402
-from model.backends import BackendError, select_attention_backend  # noqa: E402
-from model.loader import load_model  # noqa: E402
-from model.triton_attention import TritonPagedAttention, write_kv  # noqa: E402
-from tests.checkpoints import TOP2_OF_8, save_checkpoint  # noqa: E402
-from tests.triton_compile import assert_no_spills, compile_kernels  # noqa: E402
+from model import triton_attention
+from model.attention import TorchPagedAttention, allocate_kv_cache
+from model.attention_metadata import build_flat_batch
+from model.backends import BackendError, select_attention_backend
+from model.loader import load_model
+from model.triton_attention import TritonPagedAttention, write_kv
+from tests.checkpoints import TOP2_OF_8, save_checkpoint
+from tests.triton_compile import assert_no_spills, compile_kernels
 
-CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if CUDA else "cpu")
-
-if not CUDA and not triton_attention.is_interpreted():
-    pytest.skip(
-        "no CUDA and model.triton_attention was imported without TRITON_INTERPRET=1", allow_module_level=True
-    )
+skip_unless_kernels_run(triton_attention)
 
 # (top_k, num_kv_heads, head_dim, block_size): JetMoe's top-2 and top-1, odd head counts, dims and block sizes.
 SHAPES = [(2, 4, 16, 4), (1, 2, 32, 16), (3, 3, 24, 5)]

@@ -7,34 +7,28 @@ GPU rounds to nearest: bf16 results are compared within two bf16 steps there, ex
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from tests.triton_env import CUDA, DEVICE, skip_unless_kernels_run  # first: may switch on the interpreter
 
-pytest.importorskip("triton")
+# isort: split
 
-from model import triton_fused  # noqa: E402
-from model.attention import TorchPagedAttention, allocate_kv_cache, apply_rotary  # noqa: E402
-from model.attention_metadata import build_flat_batch  # noqa: E402
-from model.jetmoe import RMSNorm, RotaryEmbedding  # noqa: E402
-from model.loader import load_model  # noqa: E402
-from model.moe import set_fused_path  # noqa: E402
-from model.triton_attention import TritonPagedAttention  # noqa: E402
-from model.triton_fused import rms_norm, rotary_write_kv  # noqa: E402
-from tests.checkpoints import TOP1_OF_4, save_checkpoint  # noqa: E402
-from tests.triton_compile import assert_no_spills, compile_kernels  # noqa: E402
+from model import triton_fused
+from model.attention import TorchPagedAttention, allocate_kv_cache, apply_rotary
+from model.attention_metadata import build_flat_batch
+from model.jetmoe import RMSNorm, RotaryEmbedding
+from model.loader import load_model
+from model.moe import set_fused_path
+from model.triton_attention import TritonPagedAttention
+from model.triton_fused import rms_norm, rotary_write_kv
+from tests.checkpoints import TOP1_OF_4, save_checkpoint
+from tests.triton_compile import assert_no_spills, compile_kernels
 
-CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if CUDA else "cpu")
-
-if not CUDA and not triton_fused.is_interpreted():
-    pytest.skip("no CUDA and model.triton_fused was imported without TRITON_INTERPRET=1", allow_module_level=True)
+skip_unless_kernels_run(triton_fused)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

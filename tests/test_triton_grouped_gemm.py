@@ -6,34 +6,26 @@ is first imported); on a CUDA machine the same tests run the compiled kernel and
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from tests.triton_env import CUDA, DEVICE, skip_unless_kernels_run  # first: may switch on the interpreter
 
-pytest.importorskip("triton")
+# isort: split
 
-from model import moe, triton_grouped_gemm  # noqa: E402
-from model.attention import allocate_kv_cache  # noqa: E402
-from model.attention_metadata import build_flat_batch  # noqa: E402
-from model.loader import load_model  # noqa: E402
-from model.moe import grouped_linear, grouped_linear_reference, set_expert_path  # noqa: E402
-from model.triton_grouped_gemm import block_m_for, grouped_gemm  # noqa: E402
-from tests.checkpoints import TOP2_OF_8, save_checkpoint  # noqa: E402
-from tests.triton_compile import assert_no_spills, compile_kernels  # noqa: E402
+from model import moe, triton_grouped_gemm
+from model.attention import allocate_kv_cache
+from model.attention_metadata import build_flat_batch
+from model.loader import load_model
+from model.moe import grouped_linear, grouped_linear_reference, set_expert_path
+from model.triton_grouped_gemm import block_m_for, grouped_gemm
+from tests.checkpoints import TOP2_OF_8, save_checkpoint
+from tests.triton_compile import assert_no_spills, compile_kernels
 
-CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if CUDA else "cpu")
-
-if not CUDA and not triton_grouped_gemm.is_interpreted():
-    pytest.skip(
-        "no CUDA and model.triton_grouped_gemm was imported without TRITON_INTERPRET=1", allow_module_level=True
-    )
+skip_unless_kernels_run(triton_grouped_gemm)
 
 COUNTS = {
     "all-busy": [3, 5, 2, 6],

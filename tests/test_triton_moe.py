@@ -5,27 +5,21 @@ Without CUDA the kernels run under the Triton interpreter (switched on before th
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from tests.triton_env import CUDA, DEVICE, skip_unless_kernels_run  # first: may switch on the interpreter
 
-pytest.importorskip("triton")
+# isort: split
 
-from model import triton_moe  # noqa: E402
-from model.moe import TopKRouter, combine_experts  # noqa: E402
-from model.triton_moe import SORT_CHUNK, TOKENS_PER_PROGRAM, combine, route  # noqa: E402
-from tests.triton_compile import assert_no_spills, compile_kernels  # noqa: E402
+from model import triton_moe
+from model.moe import TopKRouter, combine_experts
+from model.triton_moe import SORT_CHUNK, TOKENS_PER_PROGRAM, combine, route
+from tests.triton_compile import assert_no_spills, compile_kernels
 
-CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if CUDA else "cpu")
-
-if not CUDA and not triton_moe.is_interpreted():
-    pytest.skip("no CUDA and model.triton_moe was imported without TRITON_INTERPRET=1", allow_module_level=True)
+skip_unless_kernels_run(triton_moe)
 
 # (tokens, experts, top_k): a decode token, a few, more than one program's tokens, more than a sort chunk.
 SHAPES = [(1, 8, 2), (7, 8, 2), (5, 4, 1), (9, 6, 3), (TOKENS_PER_PROGRAM + 3, 8, 2), (SORT_CHUNK + 41, 8, 2)]
