@@ -11,7 +11,7 @@ from model.loader import load_model
 from model.tokenizer import Tokenizer
 from server.engine.config import EngineConfig
 from server.engine.llm_engine import LLMEngine
-from server.engine.memory import plan_kv_cache_memory, profile_activation_peak, profile_batch
+from server.engine.memory import plan_for_device, plan_kv_cache_memory, profile_activation_peak, profile_batch
 from server.engine.runner import kv_block_bytes, kv_blocks_for_memory
 
 GIB = 1 << 30
@@ -75,13 +75,15 @@ def test_startup_logs_the_kv_cache_in_tokens(parts, caplog: pytest.LogCaptureFix
 def test_cuda_cache_is_sized_from_total_memory_after_the_profile(engine_checkpoint, caplog) -> None:
     directory, _ = engine_checkpoint
     model = load_model(directory, device="cuda")
-    peak = profile_activation_peak(model, 512, 256, 16)
-    assert peak > 0
+    assert profile_activation_peak(model, 512, 256, 16) > 0
+    probe = plan_for_device(model, 512, 256, 16, utilization=1.0)
+    assert probe.in_use >= probe.weights > 0
+    # A share that leaves this tiny model about 64 MiB of KV cache (a whole GPU would be millions of blocks).
+    share = (probe.in_use + probe.activation_peak + 64 * 2**20) / probe.total
     config = EngineConfig(model="unused", max_num_batched_tokens=512, max_model_len=256, enforce_eager=True,
-                          gpu_memory_utilization=0.5)
+                          gpu_memory_utilization=share)
     with caplog.at_level(logging.INFO, logger="server.engine.llm_engine"):
         engine = LLMEngine(config, model, Tokenizer.from_dir(directory))
-    free, total = torch.cuda.mem_get_info()
     assert "GiB for the KV cache" in caplog.text and "activation peak" in caplog.text
-    assert total - free <= 0.5 * total + 256 * 2**20  # the engine stays within its share (plus allocator slack)
-    assert engine.num_kv_blocks > 0
+    kv_bytes = (engine.num_kv_blocks + 1) * kv_block_bytes(model, 16, model.output_weight().dtype)
+    assert 32 * 2**20 <= kv_bytes <= 64 * 2**20
