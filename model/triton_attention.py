@@ -419,7 +419,6 @@ class TritonPagedAttention:
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One fused kernel (``model.triton_fused.rotary_write_kv``): rotates in place, then writes K/V."""
-        _check_device(query)
         rotary_write_kv(query, key, value, *rotary, kv_cache, meta.slot_mapping)
         return query, key
 

@@ -98,6 +98,8 @@ class ModelRunner:
         graphs = self.decode_graphs
         if graphs is not None and graphs.fits(inputs.query_lens):
             logits = graphs.run(inputs.token_ids, inputs.context_lens, inputs.block_tables)  # [B, V]
+            if inputs.logits_indices == list(range(len(inputs.token_ids))):
+                return logits  # every sequence samples: the usual decode step, no gather
             rows = torch.tensor(inputs.logits_indices, dtype=torch.long, device=self.device)  # [N]
             return logits.index_select(0, rows)  # [N, V]
         positions, meta = build_flat_batch(
