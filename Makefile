@@ -23,11 +23,11 @@ test: install
 	$(BIN)/python -m pytest
 
 lint: install
-	$(BIN)/ruff check server model tests benchmarks scripts
-	$(BIN)/mypy server/engine --ignore-missing-imports
+	$(BIN)/ruff check server model tests benchmarks scripts tools
+	$(BIN)/mypy server model --ignore-missing-imports
 
 bench: install
-	$(BIN)/python benchmarks/bench_model.py
+	$(BIN)/python -m benchmarks.bench_model
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,6 +1,6 @@
 """End-to-end generation benchmark: our continuous-batching engine against transformers on one workload.
 
-    python benchmarks/bench_engine.py [--threads 2] [--repeats 1] [--num-requests 64] [--skip-generate-batch]
+    python -m benchmarks.bench_engine [--threads 2] [--repeats 1] [--num-requests 64] [--skip-generate-batch]
                                       [--profile]
 
 Workload: ``--num-requests`` requests arriving together, random prompts of 9 to 121 token ids, output lengths
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import glob
 import io
 import math
 import os
@@ -43,12 +42,12 @@ import pstats
 import random
 import statistics
 import sys
-import sysconfig
 import tempfile
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import GenerationConfig, JetMoeConfig
@@ -56,22 +55,12 @@ from transformers import JetMoeForCausalLM as HFJetMoe
 
 from model.loader import load_model
 from model.tokenizer import Tokenizer
-from model.tokenizer_train import train_llama_tokenizer
 from server.engine.config import EngineConfig
 from server.engine.llm_engine import LLMEngine
 from server.engine.sampling_params import SamplingParams
+from tests.support.checkpoints import BENCH_SHAPE, save_checkpoint_with_tokenizer
+from tests.support.tokenizers import stdlib_texts
 
-SHAPE = dict(
-    vocab_size=32000,
-    hidden_size=256,
-    num_hidden_layers=4,
-    num_key_value_heads=4,
-    kv_channels=32,
-    intermediate_size=512,
-    num_local_experts=8,
-    num_experts_per_tok=2,
-    initializer_range=0.08,  # wider than the default: fewer greedy near-ties (DESIGN.md section 5)
-)
 BLOCK = 16
 CB_PAGE = 64
 MAX_BATCH_TOKENS = 2048
@@ -110,28 +99,18 @@ def make_workload(num_requests: int, vocab: int, seed: int = 0) -> Workload:
     return Workload(prompts, [rng.randint(*OUTPUT_LENS) for _ in range(num_requests)])
 
 
-def stdlib_texts(recursive: bool) -> list[str]:
-    root = sysconfig.get_paths()["stdlib"]
-    pattern = os.path.join(root, "**", "*.py") if recursive else os.path.join(root, "*.py")
-    texts = []
-    for path in sorted(glob.glob(pattern, recursive=recursive)):
-        with open(path, encoding="utf-8", errors="replace") as f:
-            texts.append(f.read())
-    return texts
-
-
 def build_checkpoint(directory: str) -> HFJetMoe:
     """Random JetMoe + a Llama-style tokenizer with exactly the model's vocab, saved into ``directory``."""
-    torch.manual_seed(0)
-    hf = HFJetMoe(JetMoeConfig(**SHAPE)).eval()
-    hf.save_pretrained(directory)
-    vocab = SHAPE["vocab_size"]
     for recursive in (False, True):  # the top-level stdlib (~5 MB) is enough for 32000 pieces on CPython 3.11
-        train_llama_tokenizer(stdlib_texts(recursive), vocab, directory)
-        size = len(Tokenizer.from_dir(directory).hf)
-        if size == vocab:
+        try:
+            hf, _ = save_checkpoint_with_tokenizer(
+                BENCH_SHAPE, Path(directory), stdlib_texts(recursive), seed=0, perturb=False, exact_vocab=True
+            )
             return hf
-    raise RuntimeError(f"the trained tokenizer has {size} tokens, not the model's {vocab}")
+        except RuntimeError:
+            if recursive:
+                raise
+    raise AssertionError("unreachable")
 
 
 # --- ours -------------------------------------------------------------------------------------------------
@@ -376,7 +355,7 @@ def main() -> None:
     started, load_before = time.perf_counter(), os.getloadavg()[0]
     if load_before > 0.5:
         log(f"load average {load_before:.2f}: other processes are busy, timings will be skewed")
-    work = make_workload(args.num_requests, SHAPE["vocab_size"])
+    work = make_workload(args.num_requests, BENCH_SHAPE.vocab_size)
     with tempfile.TemporaryDirectory() as directory:
         hf = build_checkpoint(directory)
         model = load_model(directory, dtype="float32", device="cpu")

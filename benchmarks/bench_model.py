@@ -1,6 +1,6 @@
 """Forward-pass benchmark: our paged JetMoe against transformers' JetMoe on the same random checkpoint.
 
-    python benchmarks/bench_model.py [--threads 2] [--repeats 5]
+    python -m benchmarks.bench_model [--threads 2] [--repeats 5]
 
 Workloads: a prefill of 16 x 128 tokens, and 64 single-token decodes with 128-token contexts. Prints the
 median time of each and the ratio (transformers time / ours; above 1 means we are faster).
@@ -13,18 +13,17 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
-from bench_engine import SHAPE as ENGINE_SHAPE  # noqa: E402 - run as a script: benchmarks/ is on sys.path
-from transformers import DynamicCache, JetMoeConfig
-from transformers import JetMoeForCausalLM as HFJetMoe
+from transformers import DynamicCache
 
-from model.attention import allocate_kv_cache
-from model.attention_metadata import build_flat_batch
+from model.layers.attention import allocate_kv_cache
 from model.loader import load_model
+from server.engine.worker.batch import build_flat_batch
+from tests.support.checkpoints import BENCH_SHAPE, save_checkpoint
 
 # The engine benchmark's model shape (hidden 256, 4 layers, 8 experts top-2, 4 KV heads of 32, vocab 32000).
-SHAPE = {k: v for k, v in ENGINE_SHAPE.items() if k != "initializer_range"}
 BLOCK = 16
 
 
@@ -41,7 +40,7 @@ def median_seconds(fn: Callable[[], object], repeats: int) -> float:
 def ours_prefill(model, cache, ids: torch.Tensor) -> Callable[[], object]:
     seqs, length = ids.shape
     tables = [list(range(i * 9, i * 9 + length // BLOCK + 1)) for i in range(seqs)]
-    positions, meta = build_flat_batch([length] * seqs, [length] * seqs, tables, BLOCK)
+    positions, meta = build_flat_batch(model.attention_backend, [length] * seqs, [length] * seqs, tables, BLOCK)
     flat = ids.flatten()
     return lambda: model(flat, positions, cache, meta)
 
@@ -49,9 +48,10 @@ def ours_prefill(model, cache, ids: torch.Tensor) -> Callable[[], object]:
 def ours_decode(model, cache, ids: torch.Tensor) -> Callable[[], object]:
     seqs, length = ids.shape
     tables = [list(range(i * 9, i * 9 + length // BLOCK + 1)) for i in range(seqs)]
-    positions, meta = build_flat_batch([length - 1] * seqs, [length - 1] * seqs, tables, BLOCK)
+    backend = model.attention_backend
+    positions, meta = build_flat_batch(backend, [length - 1] * seqs, [length - 1] * seqs, tables, BLOCK)
     model(ids[:, :-1].flatten(), positions, cache, meta)
-    positions, meta = build_flat_batch([1] * seqs, [length] * seqs, tables, BLOCK)
+    positions, meta = build_flat_batch(backend, [1] * seqs, [length] * seqs, tables, BLOCK)
     last = ids[:, -1].contiguous()
     return lambda: model(last, positions, cache, meta)
 
@@ -83,10 +83,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    hf = HFJetMoe(JetMoeConfig(**SHAPE)).eval()
     with tempfile.TemporaryDirectory() as directory:
-        hf.save_pretrained(directory)
+        hf = save_checkpoint(BENCH_SHAPE, Path(directory), seed=0, perturb=False)
         ours = load_model(directory, dtype="float32", device="cpu")
     cache = allocate_kv_cache(4, 64 * 9, BLOCK, 4, 32, torch.float32, "cpu")
     prefill_ids = torch.randint(0, 32000, (16, 128))

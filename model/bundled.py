@@ -1,4 +1,4 @@
-"""The small JetMoe trained by ``model.train_tiny`` and shipped inside the package."""
+"""The small JetMoe trained by ``tools.train_tiny`` (``python -m tools.train_tiny``, not shipped in the wheel) and shipped inside the package."""
 
 from __future__ import annotations
 

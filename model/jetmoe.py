@@ -10,71 +10,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.attention import AttentionBackend, TorchPagedAttention
-from model.attention_metadata import AttentionMetadata
 from model.config import JetMoeModelConfig
-from model.moe import MoAExperts, MoEMLP, use_triton
+from model.kernels.registry import Kernels, reference_kernels
+from model.layers.attention import AttentionBackend, AttentionMetadata
+from model.layers.experts import MoAExperts, MoEMLP
+from model.layers.norm import RMSNorm
+from model.layers.rotary import RotaryEmbedding
 
 # The per-layer norms of JetMoe use this epsilon whatever config.json says; only the final norm reads it.
 LAYER_NORM_EPS = 1e-6
 
 
-class RMSNorm(nn.Module):
-    """RMSNorm with the variance computed in float32, fused with the residual add that precedes it.
-
-    ``forward(x, residual)`` returns ``(norm(s), s)`` with ``s = x + residual`` (``s = x`` without a residual).
-    ``fused_path``: ``"torch"`` (the reference), ``"triton"`` (one fused kernel, ``model.triton_fused``; it
-    writes ``s`` into ``residual``) or ``"auto"`` (Triton on CUDA when it imports).
-    """
-
-    def __init__(self, hidden_size: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.fused_path = "auto"
-
-    def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if use_triton(self.fused_path, x):
-            from model.triton_fused import rms_norm
-
-            return rms_norm(x, self.weight, self.eps, residual)
-        if residual is not None:
-            x = x + residual  # [T, D]
-        h = x.float()  # [T, D]
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype), x
-
-
-class RotaryEmbedding(nn.Module):
-    """Rotate-half rotary embedding over the whole head, frequencies in float32."""
-
-    def __init__(self, head_dim: int, theta: float) -> None:
-        super().__init__()
-        self.head_dim = head_dim
-        self.theta = theta
-
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        # Recomputed per step (a few dozen values) so that the module holds no state to initialise.
-        steps = torch.arange(0, self.head_dim, 2, dtype=torch.float, device=positions.device)
-        inv_freq = 1.0 / (self.theta ** (steps / self.head_dim))  # [Dh/2]
-        freqs = positions[:, None].float() * inv_freq[None, :]  # [T, Dh/2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [T, Dh]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
 class MixtureOfAttention(nn.Module):
     """JetMoe attention: shared K/V projection, per-expert query and output projections."""
 
-    def __init__(self, config: JetMoeModelConfig, backend: AttentionBackend) -> None:
+    def __init__(self, config: JetMoeModelConfig, kernels: Kernels) -> None:
         super().__init__()
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
         self.scale = config.head_dim**-0.5
-        self.backend = backend
+        self.backend: AttentionBackend = kernels.attention
         self.kv_proj = nn.Linear(config.hidden_size, 2 * config.kv_size, bias=False)
-        self.experts = MoAExperts(config.hidden_size, config.kv_size, config.num_experts, config.top_k)
+        self.experts = MoAExperts(
+            config.hidden_size, config.kv_size, config.num_experts, config.top_k,
+            kernels.route, kernels.expert_matmul, kernels.combine,
+        )  # fmt: skip
 
     def forward(
         self,
@@ -97,12 +57,15 @@ class MixtureOfAttention(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm residual block: attention experts then MLP experts."""
 
-    def __init__(self, config: JetMoeModelConfig, backend: AttentionBackend) -> None:
+    def __init__(self, config: JetMoeModelConfig, kernels: Kernels) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, LAYER_NORM_EPS)
-        self.self_attention = MixtureOfAttention(config, backend)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, LAYER_NORM_EPS)
-        self.mlp = MoEMLP(config.hidden_size, config.intermediate_size, config.num_experts, config.top_k)
+        self.input_layernorm = RMSNorm(config.hidden_size, LAYER_NORM_EPS, kernels.rms_norm)
+        self.self_attention = MixtureOfAttention(config, kernels)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, LAYER_NORM_EPS, kernels.rms_norm)
+        self.mlp = MoEMLP(
+            config.hidden_size, config.intermediate_size, config.num_experts, config.top_k,
+            kernels.route, kernels.expert_matmul, kernels.combine,
+        )  # fmt: skip
 
     def forward(
         self,
@@ -121,32 +84,33 @@ class DecoderLayer(nn.Module):
 class JetMoeBackbone(nn.Module):
     """Embedding, decoder layers and final norm (the ``model.`` prefix of the checkpoint)."""
 
-    def __init__(self, config: JetMoeModelConfig, backend: AttentionBackend) -> None:
+    def __init__(self, config: JetMoeModelConfig, kernels: Kernels) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, backend) for _ in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(config, kernels) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels.rms_norm)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
 
 
 class JetMoeForCausalLM(nn.Module):
-    """JetMoe causal LM. ``forward`` runs one flat batch through the paged cache and returns logits."""
+    """JetMoe causal LM. ``forward`` runs one flat batch through the paged cache and returns logits.
 
-    def __init__(self, config: JetMoeModelConfig, backend: AttentionBackend | None = None) -> None:
+    ``kernels`` (default: the PyTorch reference, which runs on any device) is chosen once for the target device
+    by whoever knows it (``model.loader.load_model`` through ``model.kernels.select_kernels``).
+    """
+
+    def __init__(self, config: JetMoeModelConfig, kernels: Kernels | None = None) -> None:
         super().__init__()
         self.config = config
-        # Default: the torch reference, which runs on any device (the loader builds on the meta device).
-        # The caller that knows the target device picks a faster one: model.backends.select_attention_backend.
-        self.model = JetMoeBackbone(config, backend or TorchPagedAttention())
+        self.kernels = kernels or reference_kernels()
+        self.model = JetMoeBackbone(config, self.kernels)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     @property
     def attention_backend(self) -> AttentionBackend:
         """The backend every layer's attention runs on (they share one)."""
-        layer = self.model.layers[0]
-        assert isinstance(layer, DecoderLayer)
-        return layer.self_attention.backend
+        return self.kernels.attention
 
     def output_weight(self) -> torch.Tensor:
         """The ``[V, D]`` output projection (the embedding when tied)."""

@@ -16,9 +16,9 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from model.attention import AttentionBackend
 from model.config import JetMoeModelConfig
 from model.jetmoe import JetMoeForCausalLM
+from model.kernels.registry import KernelChoice, Kernels, select_kernels
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _PROGRESS_MIN_BYTES = 1 << 30
@@ -58,18 +58,23 @@ def load_model(
     path: str | Path,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
-    backend: AttentionBackend | None = None,
+    kernels: Kernels | KernelChoice | None = None,
     show_progress: bool | None = None,
 ) -> JetMoeForCausalLM:
-    """Build ``JetMoeForCausalLM`` from a checkpoint directory, weights cast to ``dtype`` on ``device``."""
+    """Build ``JetMoeForCausalLM`` from a checkpoint directory, weights cast to ``dtype`` on ``device``.
+
+    ``kernels``: a bundle, or a choice resolved here for the device, dtype and shape (default: all ``"auto"``).
+    """
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"model directory {path} does not exist")
     config = JetMoeModelConfig.from_dir(path)
     target = resolve_device(device)
     weight_dtype = resolve_dtype(dtype, target)
+    if not isinstance(kernels, Kernels):
+        kernels = select_kernels(target, kernels, weight_dtype, config)
     with torch.device("meta"):
-        model = JetMoeForCausalLM(config, backend)
+        model = JetMoeForCausalLM(config, kernels)
     model = model.to(weight_dtype).to_empty(device=target)
     params = dict(model.named_parameters())
     _check_names(params, _checkpoint_names(path), config.tie_word_embeddings)

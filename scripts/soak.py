@@ -24,10 +24,8 @@ import json
 import os
 import random
 import re
-import socket
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -283,56 +281,22 @@ class Target:
 
 def build_checkpoint(out: Path, seed: int) -> Path:
     """A tokenizer trained on a few standard-library files and a random 2-layer JetMoe (a few seconds)."""
-    import torch
-    from transformers import JetMoeConfig, JetMoeForCausalLM
-
-    from model.tokenizer import Tokenizer
-    from model.tokenizer_train import train_llama_tokenizer
+    from tests.support.checkpoints import TinyShape, save_checkpoint_with_tokenizer
 
     stdlib = Path(os.__file__).parent
     texts = [(stdlib / name).read_text(encoding="utf-8") for name in ("os.py", "textwrap.py", "argparse.py")]
-    texts += PROMPTS * 20
-    train_llama_tokenizer(texts, 1000, out)
-    tokenizer = Tokenizer.from_dir(out)
-    torch.manual_seed(seed)
-    config = JetMoeConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2,
-                          num_key_value_heads=4, kv_channels=16, intermediate_size=96, num_local_experts=8,
-                          num_experts_per_tok=2, initializer_range=0.08, max_position_embeddings=512)
-    JetMoeForCausalLM(config).eval().save_pretrained(out)
-    tokenizer.hf.save_pretrained(out)
+    save_checkpoint_with_tokenizer(TinyShape(vocab_size=1000), out, texts + PROMPTS * 20, seed, perturb=False)
     return out
 
 
 @contextmanager
 def local_server(model_dir: Path, max_queued: int | None) -> Iterator[Target]:
-    import uvicorn
+    from server.api import ServerSettings
+    from tests.support.live_server import live_server
 
-    from server.api import ServerSettings, create_app
-    from server.engine.async_engine import AsyncEngine
-    from server.engine.config import EngineConfig
-    from server.engine.llm_engine import LLMEngine
-
-    config = EngineConfig(model=str(model_dir), device="cpu", dtype="float32", block_size=16, num_kv_blocks=512,
-                          max_model_len=512, max_num_seqs=32)
-    engine = AsyncEngine(LLMEngine.from_config(config))
-    engine.start()
-    app = create_app(engine, ServerSettings(served_model_name="soak", max_queued_requests=max_queued))
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the server did not start")
-        time.sleep(0.05)
-    try:
-        yield Target(f"http://127.0.0.1:{sock.getsockname()[1]}", engine, os.getpid())
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        engine.shutdown()
+    settings = ServerSettings(served_model_name="soak", max_queued_requests=max_queued)
+    with live_server(model_dir, settings, num_kv_blocks=512, max_num_seqs=32) as server:
+        yield Target(server.url, server.engine, os.getpid())
 
 
 def require_loopback(url: str) -> None:

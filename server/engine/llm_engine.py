@@ -7,21 +7,20 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from model.backends import select_attention_backend
-from model.decode_graphs import graph_batch_sizes
 from model.jetmoe import JetMoeForCausalLM
-from model.loader import load_model, resolve_device
-from model.moe import sync_free_experts
+from model.kernels import KernelChoice
+from model.loader import load_model
 from model.tokenizer import Tokenizer
 from server.engine.block_manager import BlockManager
 from server.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.memory import GIB, plan_for_device
 from server.engine.request import Request, RequestOutput, TokenLogprob
-from server.engine.runner import ModelRunner, kv_block_bytes, kv_blocks_for_memory
 from server.engine.sampler import SamplerOutput, make_generator
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerConfig
+from server.engine.worker.decode_graphs import graph_batch_sizes
+from server.engine.worker.memory import GIB, plan_for_device
+from server.engine.worker.runner import ModelRunner, kv_block_bytes, kv_blocks_for_memory
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +78,9 @@ class LLMEngine:
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
         """Load the checkpoint and tokenizer named by ``config.model``."""
-        backend = select_attention_backend(resolve_device(config.device), config.attention_backend)
-        model = load_model(config.model, dtype=config.dtype, device=config.device, backend=backend)
+        choice = KernelChoice(attention=config.attention_backend)
+        model = load_model(config.model, dtype=config.dtype, device=config.device, kernels=choice)
+        logger.info("kernels: %s", model.kernels.describe())
         return cls(config, model, Tokenizer.from_dir(config.model))
 
     @property
@@ -237,12 +237,9 @@ def decode_graphs_apply(config: EngineConfig, model: JetMoeForCausalLM) -> bool:
     device = model.output_weight().device
     if device.type != "cuda" or config.enforce_eager:
         return False
-    backend = model.attention_backend
-    if not getattr(backend, "supports_cuda_graphs", False):
-        logger.warning("CUDA graphs are off: attention backend %s cannot be captured", type(backend).__name__)
-        return False
-    if not sync_free_experts(device):
-        logger.warning("CUDA graphs are off: the expert matmuls need triton to run without host syncs")
+    if not model.kernels.cuda_graph_safe:
+        logger.warning("CUDA graphs are off: kernels %s cannot be captured (the torch attention backend or the "
+                       "per-expert loop)", model.kernels.describe())
         return False
     return True
 

@@ -1,0 +1,183 @@
+"""GPU correctness check: the CPU test files natively on CUDA, then bf16 logits on the real JetMoe-8B shapes.
+
+``python -m benchmarks.gpu.check_gpu`` runs
+
+1. ``pytest`` on the kernel, graph and sizing test files (``PYTEST_FILES``): on a CUDA machine the Triton
+   kernels are compiled, the ``tl.dot``, bf16 and ``torch._grouped_mm`` cases run, and decode graphs are
+   really captured and replayed;
+2. one random-weight model with the JetMoe-8B shapes through a ragged scenario (prefills of different lengths,
+   decode steps, a mixed chunk + decode step) in the ``VARIANTS`` with identical inputs: the fp32 reference
+   (torch attention, per-expert loop, PyTorch ops) is the oracle; the bf16 reference, each fast path on its
+   own (``torch._grouped_mm``, the Triton grouped GEMM, the fused Triton norms, routing and combine), the model as served on CUDA,
+   and the same with decode steps replayed from CUDA graphs. It prints each variant's largest logit error
+   against the oracle and fails when a fast path's error exceeds twice the bf16 reference's, i.e. when it adds
+   error beyond bf16 rounding;
+3. the bundled model's greedy output for 32 prompts through the engine on CUDA (fp32 with and without CUDA
+   graphs, and bf16) against the CPU reference engine (``benchmarks.gpu.bundled_parity``).
+
+Exit status 0 only when every part passes. ``--tiny`` does parts 1-2 on CPU (Triton interpreter, graphs
+replayed eagerly) with a 2-layer model: a dry run of the script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from benchmarks.gpu.bench_gpu import JETMOE_8B, TINY, new_caches, setup_device
+from model.jetmoe import JetMoeForCausalLM
+from model.kernels import KernelChoice, select_kernels
+from model.kernels.registry import reference_kernels
+from server.engine.worker.batch import build_flat_batch
+from server.engine.worker.decode_graphs import DecodeGraphs
+from tests.support.checkpoints import random_model, share_weights
+
+PYTEST_FILES = (
+    "tests/kernels/test_triton_attention.py",
+    "tests/kernels/test_triton_fused.py",
+    "tests/kernels/test_triton_grouped_gemm.py",
+    "tests/kernels/test_grouped_linear.py",
+    "tests/engine/test_decode_graphs.py",
+    "tests/engine/test_kv_cache_sizing.py",
+    "tests/model/test_model_parity.py",
+)
+ERROR_FACTOR = 2.0  # a fast path may add at most this factor over the bf16 reference's own error
+ERROR_SLACK = 1e-3
+
+
+def run_pytest() -> bool:
+    command = [sys.executable, "-m", "pytest", *PYTEST_FILES, "-q", "-rs", "--durations=5"]
+    print("$", " ".join(command), flush=True)
+    return subprocess.run(command, check=False).returncode == 0
+
+
+def scenario(vocab_size: int, tiny: bool) -> list[tuple[list[int], list[int], list[int]]]:
+    """Steps of (token ids, query lens, context lens) over three sequences; all inputs fixed in advance."""
+    gen = torch.Generator().manual_seed(7)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(3, vocab_size, (n,), generator=gen).tolist()
+
+    prompts = [10, 14, 5] if tiny else [24, 40, 9]
+    steps = [(ids(sum(prompts)), list(prompts), list(prompts))]
+    context = list(prompts)
+    for _ in range(3 if tiny else 8):
+        context = [c + 1 for c in context]
+        steps.append((ids(3), [1, 1, 1], list(context)))
+    chunk = 6  # sequence 0 gets a chunk of new tokens while the others decode
+    context = [context[0] + chunk, context[1] + 1, context[2] + 1]
+    steps.append((ids(chunk + 2), [chunk, 1, 1], list(context)))
+    context = [c + 1 for c in context]
+    steps.append((ids(3), [1, 1, 1], list(context)))
+    return steps
+
+
+def run_scenario(model: JetMoeForCausalLM, steps, block_size: int, graphs: bool = False) -> list[torch.Tensor]:
+    """Logits of every step at every token; with ``graphs`` the all-decode steps replay a decode graph."""
+    device = model.output_weight().device
+    longest = max(ctx for _, _, contexts in steps for ctx in contexts)
+    per_seq = -(-longest // block_size)
+    tables = [list(range(i * per_seq, (i + 1) * per_seq))[::-1] for i in range(3)]  # out of order
+    caches = new_caches(model, 3 * per_seq + 1, block_size, fill=False)  # the last block pads graph rows
+    replay = None
+    if graphs:
+        replay = DecodeGraphs(model, caches, (1, 2, 4), per_seq, block_size, 3 * per_seq, device.type == "cuda")
+    out = []
+    for ids, query_lens, contexts in steps:
+        if replay is not None and replay.fits(query_lens):
+            out.append(replay.run(ids, contexts, tables).float().clone())
+            continue
+        positions, meta = build_flat_batch(
+            model.attention_backend, query_lens, contexts, tables, block_size, device=device, all_logits=True
+        )
+        out.append(model(torch.tensor(ids, device=device), positions, caches, meta).float())
+    return out
+
+
+def cast_model(model: JetMoeForCausalLM, dtype: torch.dtype) -> JetMoeForCausalLM:
+    device = model.output_weight().device
+    with torch.device("meta"):
+        copy = JetMoeForCausalLM(model.config, model.kernels)
+    copy = copy.to(dtype).to_empty(device=device)
+    copy.load_state_dict(model.state_dict())  # copies and casts
+    return copy.eval()
+
+
+def max_error(logits: list[torch.Tensor], oracle: list[torch.Tensor]) -> float:
+    return max((a - b).abs().max().item() for a, b in zip(logits, oracle))
+
+
+# (name, attention, expert matmul path, fused-op path, decode graphs); the first is the bf16 reference the rest
+# are held to. Fused ops: RMSNorm + residual, routing, expert combine.
+VARIANTS = (
+    ("bf16 reference", "torch", "loop", "torch", False),
+    ("bf16 torch-ref, auto experts", "torch", "auto", "torch", False),
+    ("bf16 torch-ref, triton experts", "torch", "triton", "torch", False),
+    ("bf16 torch-ref, triton fused ops", "torch", "loop", "triton", False),
+    ("bf16 triton (as served)", "triton", "auto", "auto", False),
+    ("bf16 triton + decode graphs", "triton", "auto", "auto", True),
+)
+
+
+def compare_logits(tiny: bool, device: torch.device) -> bool:
+    config = TINY if tiny else JETMOE_8B
+    block_size = 4 if tiny else 16
+    steps = scenario(config.vocab_size, tiny)
+    print(f"\nbf16 logits on {'tiny' if tiny else 'JetMoe-8B'} shapes, {len(steps)} steps", flush=True)
+    oracle_model = random_model(config, device, torch.float32, reference_kernels(), seed=3)
+    oracle = run_scenario(oracle_model, steps, block_size)
+    model = cast_model(oracle_model, torch.bfloat16)
+    del oracle_model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    runs = {}
+    chosen = {}
+    for name, attention, experts, fused, graphs in VARIANTS:
+        if device.type != "cuda" and "triton" in (experts, fused):
+            continue  # the CPU interpreter computes bf16 wrongly (tl.dot, casts); pytest covers it in fp32
+        kernels = select_kernels(device, KernelChoice(attention, experts, fused), torch.bfloat16, config)
+        chosen[name] = kernels.describe()
+        runs[name] = run_scenario(share_weights(model, kernels), steps, block_size, graphs=graphs)
+    scale = max(t.abs().max().item() for t in oracle)
+    errors = {name: max_error(logits, oracle) for name, logits in runs.items()}
+    total = sum(t.shape[0] for t in oracle)
+    print(f"  oracle: fp32, torch attention, expert loop, torch ops; largest |logit| {scale:.4f}")
+    for name, err in errors.items():
+        agree = sum((a.argmax(-1) == b.argmax(-1)).sum().item() for a, b in zip(runs[name], oracle))
+        print(f"  {name:<32} max |error| {err:.5f} ({err / scale:.2%} of max |logit|), argmax {agree}/{total}")
+    served, replayed = runs["bf16 triton (as served)"], runs["bf16 triton + decode graphs"]
+    print(f"  served vs bf16 reference directly: {max_error(served, runs['bf16 reference']):.5f}")
+    print(f"  decode graphs vs eager directly: {max_error(replayed, served):.5f}")
+    print(f"  kernels as served: {chosen.get('bf16 triton (as served)', 'n/a')}")
+    bound = ERROR_FACTOR * errors["bf16 reference"] + ERROR_SLACK
+    ok = True
+    for name, err in list(errors.items())[1:]:
+        ok = ok and err <= bound
+        print(f"  {name:<32} within {ERROR_FACTOR} x the reference's error: {'PASS' if err <= bound else 'FAIL'}")
+    return ok
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="dry run on CPU with a 2-layer model")
+    parser.add_argument("--skip-pytest", action="store_true", help="only the logits comparison")
+    args = parser.parse_args(argv)
+    device = setup_device(args.tiny)
+    tests_ok = True if args.skip_pytest else run_pytest()
+    logits_ok = compare_logits(args.tiny, device)
+    bundled_ok = True
+    if device.type == "cuda":
+        from benchmarks.gpu.bundled_parity import check_bundled_greedy
+
+        bundled_ok = check_bundled_greedy()
+    print(f"\npytest: {'PASS' if tests_ok else 'FAIL'}; bf16 logits: {'PASS' if logits_ok else 'FAIL'}; "
+          f"bundled greedy: {'PASS' if bundled_ok else 'FAIL'}")
+    return 0 if tests_ok and logits_ok and bundled_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Training the small JetMoe bundled with the server, and the Llama-style tokenizer trainer the tests reuse."""
