@@ -357,18 +357,10 @@ class TritonPagedAttention:
         self.num_warps = num_warps
 
     def build_metadata(self, batch: FlatBatch) -> TritonAttentionMetadata:
-        rows, tokens = decode_rows(batch)
-        decode = None
-        if rows:
-            device = batch.slot_mapping.device
-            rows_t = torch.tensor(rows, dtype=torch.int64)  # [b]
-            width = max(-(-batch.context_lens[i] // batch.block_size) for i in rows)
-            context = [batch.context_lens[i] for i in rows]
-            decode = PagedDecode(
-                token_index=torch.tensor(tokens, dtype=torch.int64).to(device),
-                block_tables=batch.host_block_tables[rows_t, :width].to(device),
-                context_lens=torch.tensor(context, dtype=torch.int32).to(device),
-            )
+        rows, decode = decode_rows(batch), None
+        if rows is not None:
+            context = torch.tensor(rows.context_lens, dtype=torch.int32).to(rows.token_index.device)  # [b]
+            decode = PagedDecode(rows.token_index, rows.block_tables, context)
         return TritonAttentionMetadata(batch, prefill_slices(batch), decode)
 
     def build_decode_metadata(self, batch: FlatBatch) -> TritonAttentionMetadata:

@@ -166,15 +166,32 @@ def prefill_slices(batch: FlatBatch) -> tuple[PrefillSlice, ...]:
     return tuple(slices)
 
 
-def decode_rows(batch: FlatBatch) -> tuple[list[int], list[int]]:
-    """``(rows, token_index)``: which sequences of ``batch`` add one token, and the flat index of that token."""
+@dataclass(frozen=True)
+class DecodeRows:
+    """The sequences of a batch that add exactly one token."""
+
+    token_index: torch.Tensor  # [b] flat index of each decode token, on the batch's device
+    block_tables: torch.Tensor  # [b, width] their blocks, width = the longest of their contexts
+    context_lens: list[int]  # [b] keys each decode token attends to, on the host
+
+
+def decode_rows(batch: FlatBatch) -> DecodeRows | None:
+    """The decodes of ``batch`` (None without any), read from its host lengths."""
     rows, tokens, start = [], [], 0
     for i, q in enumerate(batch.query_lens):
         if q == 1:
             rows.append(i)
             tokens.append(start)
         start += q
-    return rows, tokens
+    if not rows:
+        return None
+    device = batch.slot_mapping.device
+    width = max(-(-batch.context_lens[i] // batch.block_size) for i in rows)
+    return DecodeRows(
+        token_index=torch.tensor(tokens, dtype=torch.int64).to(device),
+        block_tables=batch.host_block_tables[torch.tensor(rows, dtype=torch.int64), :width].to(device),
+        context_lens=[batch.context_lens[i] for i in rows],
+    )
 
 
 @dataclass(frozen=True)
@@ -202,19 +219,12 @@ class TorchPagedAttention:
     supports_cuda_graphs = False
 
     def build_metadata(self, batch: FlatBatch) -> TorchAttentionMetadata:
-        rows, tokens = decode_rows(batch)
-        decode = None
-        if rows:
-            device = batch.slot_mapping.device
-            rows_t = torch.tensor(rows, dtype=torch.int64)  # [b]
-            width = max(-(-batch.context_lens[i] // batch.block_size) for i in rows)
-            context = torch.tensor([batch.context_lens[i] for i in rows], dtype=torch.int64)  # [b]
-            valid = torch.arange(width * batch.block_size)[None, :] < context[:, None]  # [b, S]
-            decode = TorchDecode(
-                token_index=torch.tensor(tokens, dtype=torch.int64).to(device),
-                block_tables=batch.host_block_tables[rows_t, :width].to(device),
-                valid=valid.to(device),
-            )
+        rows, decode = decode_rows(batch), None
+        if rows is not None:
+            context = torch.tensor(rows.context_lens, dtype=torch.int64)  # [b]
+            keys = torch.arange(rows.block_tables.shape[1] * batch.block_size)  # [S]
+            valid = keys[None, :] < context[:, None]  # [b, S]
+            decode = TorchDecode(rows.token_index, rows.block_tables, valid.to(rows.token_index.device))
         return TorchAttentionMetadata(batch, prefill_slices(batch), decode)
 
     def build_decode_metadata(self, batch: FlatBatch) -> TorchAttentionMetadata:
