@@ -23,7 +23,6 @@ import ipaddress
 import json
 import os
 import random
-import re
 import sys
 import tempfile
 import time
@@ -313,8 +312,14 @@ def require_loopback(url: str) -> None:
 
 
 def metric(text: str, name: str) -> float | None:
-    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
-    return float(match.group(1)) if match else None
+    """The value of the first sample called ``name`` (any labels), None when the server has none."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                return float(sample.value)
+    return None
 
 
 class Memory:

@@ -75,6 +75,13 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     add("--api-key", "require 'Authorization: Bearer KEY' (except on /health and /metrics)", metavar="KEY")
     add("--max-request-bytes", "answer 413 to request bodies larger than this, e.g. 8MiB or 512KB", "8MiB",
         _size, metavar="SIZE")
+    add("--export-vllm-metrics", "export /metrics under vLLM's vllm: names as well as jetmoe: (for llm-d, "
+        "KServe and other routers that read vLLM's metrics)", "false", _bool, metavar="BOOL", nargs="?",
+        const=True)
+    add("--kv-events-endpoint", "publish KV-cache events (vLLM's format: BlockStored, BlockRemoved, "
+        "AllBlocksCleared) on this ZeroMQ PUB endpoint, e.g. tcp://127.0.0.1:5557", metavar="ENDPOINT")
+    add("--kv-events-topic", "topic of the published KV-cache events (llm-d expects kv@POD@MODEL)", "",
+        metavar="TOPIC")
     add("--cpu-threads", "PyTorch threads when running on CPU (default: all cores but one, which is left to "
         "the HTTP layer)", type=_positive)
     add("--drain-timeout", "on SIGTERM, seconds in-flight requests may take to finish", "30", _seconds, metavar="SECONDS")
@@ -101,7 +108,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     name = args.served_model_name or Path(args.model).resolve().name or str(args.model)
     return ServerSettings(served_model_name=name, api_key=args.api_key or None,
                           max_queued_requests=args.max_queued_requests, drain_timeout=args.drain_timeout,
-                          max_request_bytes=args.max_request_bytes)
+                          max_request_bytes=args.max_request_bytes, export_vllm_metrics=args.export_vllm_metrics)
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -111,6 +118,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager, attention_backend=args.attention_backend,
+        kv_events_endpoint=args.kv_events_endpoint, kv_events_topic=args.kv_events_topic,
     )
 
 

@@ -14,6 +14,7 @@ class ServerSettings:
     ``max_queued_requests``: answer 429 once this many requests wait for the engine (None: no limit).
     ``drain_timeout``: on shutdown, seconds in-flight requests may take to finish before they are aborted.
     ``max_request_bytes``: answer 413 to request bodies larger than this.
+    ``export_vllm_metrics``: export every metric under vLLM's ``vllm:`` names too (for LLM-aware routers).
     """
 
     served_model_name: str
@@ -22,6 +23,7 @@ class ServerSettings:
     drain_timeout: float = 30.0
     owned_by: str = "jetmoe"
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    export_vllm_metrics: bool = False
 
     def __post_init__(self) -> None:
         if not self.served_model_name:

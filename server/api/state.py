@@ -19,7 +19,13 @@ class AppState:
     def __init__(self, engine: AsyncEngine, settings: ServerSettings) -> None:
         self.engine = engine
         self.settings = settings
-        self.metrics = ServerMetrics(engine)
+        llm = engine.engine
+        cache_config = {
+            "block_size": str(llm.config.block_size),
+            "num_gpu_blocks": str(llm.num_kv_blocks),
+            "enable_prefix_caching": str(llm.config.enable_prefix_caching),
+        }
+        self.metrics = ServerMetrics(engine, settings.served_model_name, settings.export_vllm_metrics, cache_config)
         self.texts = TokenTexts(self.llm.tokenizer)
         self.created = int(time.time())
         self.draining = False

@@ -3,6 +3,8 @@
 A full block is keyed by a hash chained from its parent block's key and its own token ids. Cached blocks keep
 their key after they are freed and stay in the free list in LRU order, so a repeated prefix is found again
 until the block is reused for something else. A lookup compares the stored token ids, never the hash alone.
+With ``record_events`` the pool keeps a log of its cache changes (``server.engine.kv_events``) that the engine
+publishes after each step (``take_events``).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from server.engine.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from server.engine.request import Request
 
 _ROOT_HASH = 0x5EED
@@ -32,7 +35,9 @@ def chain_hash(parent: int, token_ids: Sequence[int]) -> int:
 class BlockManager:
     """Owns every KV block; requests hold block ids in ``request.block_ids``."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, record_events: bool = False
+    ) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError("num_blocks and block_size must be positive")
         self.block_size = block_size
@@ -43,6 +48,7 @@ class BlockManager:
         self._cached: dict[int, int] = {}  # hash key -> block id
         self.prefix_cache_queries = 0  # prompt tokens looked up
         self.prefix_cache_hits = 0  # of those, tokens found in the cache
+        self._events: list[KVEvent] | None = [AllBlocksCleared()] if record_events else None
 
     @property
     def num_free_blocks(self) -> int:
@@ -112,6 +118,9 @@ class BlockManager:
             if block.hash_key is None and parent not in self._cached:
                 block.hash_key, block.token_ids = parent, tuple(chunk)
                 self._cached[parent] = block.block_id
+                if self._events is not None:
+                    previous = request.block_hashes[-2] if len(request.block_hashes) > 1 else None
+                    self._events.append(BlockStored([parent], previous, list(chunk), self.block_size))
 
     def free(self, request: Request) -> None:
         """Drop the request's references; blocks are freed tail first so shared prefixes stay longest."""
@@ -128,6 +137,15 @@ class BlockManager:
         for block in self._blocks:
             block.hash_key, block.token_ids = None, ()
         self._cached.clear()
+        if self._events is not None:
+            self._events.append(AllBlocksCleared())
+
+    def take_events(self) -> list[KVEvent]:
+        """The cache changes recorded since the last call (empty unless ``record_events``)."""
+        if not self._events:
+            return []
+        events, self._events = self._events, []
+        return events
 
     def _take(self, block_id: int) -> None:
         block = self._blocks[block_id]
@@ -140,6 +158,8 @@ class BlockManager:
         block = self._blocks[block_id]
         if block.hash_key is not None:  # evict its cached prefix entry
             self._cached.pop(block.hash_key, None)
+            if self._events is not None:
+                self._events.append(BlockRemoved([block.hash_key]))
             block.hash_key, block.token_ids = None, ()
         block.ref_count = 1
         return block_id

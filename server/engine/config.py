@@ -15,6 +15,8 @@ class EngineConfig:
     CUDA by default what is left of ``gpu_memory_utilization`` of the device's total memory after the weights
     and the profiled activation peak of the largest step (``server.engine.memory``).
     ``enforce_eager`` turns off the CUDA graphs that decode steps replay on CUDA.
+    ``kv_events_endpoint``: a ZeroMQ endpoint to publish KV-cache events on (``server.engine.kv_events``),
+    under ``kv_events_topic``.
     """
 
     model: str
@@ -30,6 +32,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # "auto": Triton kernels on CUDA, the PyTorch reference elsewhere
     enforce_eager: bool = False
+    kv_events_endpoint: str | None = None
+    kv_events_topic: str = ""
 
     def __post_init__(self) -> None:
         positive = {

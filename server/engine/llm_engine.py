@@ -14,6 +14,7 @@ from model.tokenizer import Tokenizer
 from server.engine.block_manager import BlockManager
 from server.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.kv_events import KVEventPublisher
 from server.engine.request import Request, RequestOutput, TokenLogprob
 from server.engine.sampler import SamplerOutput, make_generator
 from server.engine.sampling_params import SamplingParams
@@ -60,7 +61,12 @@ class LLMEngine:
                 f"the KV cache holds {num_blocks * config.block_size} tokens, fewer than max_model_len "
                 f"{self.max_model_len}: lower --max-model-len or give the cache more memory"
             )
-        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.kv_events = (
+            KVEventPublisher(config.kv_events_endpoint, config.kv_events_topic) if config.kv_events_endpoint else None
+        )
+        self.blocks = BlockManager(
+            num_blocks, config.block_size, config.enable_prefix_caching, record_events=self.kv_events is not None
+        )
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len),
             self.blocks,
@@ -134,6 +140,9 @@ class LLMEngine:
             logger.exception("engine step failed")
             self.blocks.reset_prefix_cache()  # blocks registered this step may hold garbage
             return [self._fail(s.request, exc) for s in step.scheduled]
+        finally:
+            if self.kv_events is not None:
+                self.kv_events.publish(self.blocks.take_events())
         outputs = []
         for item in step.scheduled:
             request = item.request

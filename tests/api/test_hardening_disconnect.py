@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import re
 import time
 
 import httpx
@@ -14,6 +13,7 @@ import pytest
 
 from model.tokenizer import Tokenizer
 from tests.support.live_server import greedy_reference, live_server
+from tests.support.prom import sample as metric
 
 CLIENTS = 200
 LEAVER_TOKENS = 40
@@ -32,11 +32,6 @@ def references(engine_checkpoint):
     tokenizer = Tokenizer.from_dir(engine_checkpoint[0])
     refs = {p: greedy_reference(engine_checkpoint[1], tokenizer, tokenizer.encode(p), 8) for p in PROMPTS}
     return {p: r for p, r in refs.items() if r.max_tokens > 1}
-
-
-def metric(text: str, name: str, labels: str = "") -> float:
-    match = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
 
 
 async def _client(http: httpx.AsyncClient, prompt: str, max_tokens: int, drop_after: int | None,
@@ -92,7 +87,7 @@ def test_disconnect_storm(storm_server, references) -> None:
         jobs.append((prompt, max_tokens, drop_after, drop_before))
     with httpx.Client(base_url=storm_server.url, timeout=30) as http:
         aborted_before = metric(http.get("/metrics").text, "jetmoe:request_success_total",
-                                '{finished_reason="abort"}')
+                                finished_reason="abort")
         started = time.monotonic()
         results = asyncio.run(_storm(storm_server.url, jobs))
         elapsed = time.monotonic() - started
@@ -114,7 +109,7 @@ def test_disconnect_storm(storm_server, references) -> None:
         assert metric(text, "jetmoe:num_requests_running") == 0
         assert metric(text, "jetmoe:num_requests_waiting") == 0
         assert metric(text, "jetmoe:kv_cache_usage_perc") == 0
-        aborted = metric(text, "jetmoe:request_success_total", '{finished_reason="abort"}') - aborted_before
+        aborted = metric(text, "jetmoe:request_success_total", finished_reason="abort") - aborted_before
         # the server still serves normally
         body = {"prompt": prompts[0], "max_tokens": references[prompts[0]].max_tokens, "temperature": 0}
         assert http.post("/v1/completions", json=body).json()["choices"][0]["text"] == references[prompts[0]].text

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import socket
 import time
 
@@ -13,6 +12,7 @@ import pytest
 
 from model.tokenizer import Tokenizer
 from tests.support.live_server import SERVED_NAME
+from tests.support.prom import sample as metric
 
 MODEL = SERVED_NAME
 
@@ -39,11 +39,6 @@ def sse_events(raw: str) -> list[str]:
         assert len(lines) == 1 and lines[0].startswith("data: "), block
         events.append(lines[0][len("data: "):])
     return events
-
-
-def metric(text: str, name: str, labels: str = "") -> float:
-    match = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
 
 
 def test_completion_sse_framing_with_usage(http) -> None:
@@ -192,9 +187,9 @@ def test_metrics(http) -> None:
                  "request_queue_time_seconds"):
         assert f"# TYPE jetmoe:{name} histogram" in text
     assert metric(text, "jetmoe:generation_tokens_total") - metric(before, "jetmoe:generation_tokens_total") == 3
-    success = '{finished_reason="length"}'
-    assert metric(text, "jetmoe:request_success_total", success) >= 1 + metric(
-        before, "jetmoe:request_success_total", success)
+    success = {"finished_reason": "length", "model_name": MODEL}
+    assert metric(text, "jetmoe:request_success_total", **success) >= 1 + metric(
+        before, "jetmoe:request_success_total", **success)
     assert 0.0 <= metric(text, "jetmoe:kv_cache_usage_perc") <= 1.0
 
 
@@ -213,7 +208,7 @@ def _idle(engine) -> bool:
 
 
 def test_stream_disconnect_aborts_and_frees_blocks(api_server, http) -> None:
-    aborted = metric(http.get("/metrics").text, "jetmoe:request_success_total", '{finished_reason="abort"}')
+    aborted = metric(http.get("/metrics").text, "jetmoe:request_success_total", finished_reason="abort")
     body = {"prompt": "Once upon a time", "max_tokens": 480, "ignore_eos": True, "stream": True}
     with httpx.Client(base_url=api_server.url, timeout=60) as client, \
             client.stream("POST", "/v1/completions", json=body) as response:
@@ -223,12 +218,12 @@ def test_stream_disconnect_aborts_and_frees_blocks(api_server, http) -> None:
     assert _wait_until(lambda: _idle(api_server.engine), 1.0)
     assert api_server.engine.num_unfinished == 0
     text = http.get("/metrics").text
-    assert metric(text, "jetmoe:request_success_total", '{finished_reason="abort"}') == aborted + 1
+    assert metric(text, "jetmoe:request_success_total", finished_reason="abort") == aborted + 1
     assert metric(text, "jetmoe:num_requests_running") == 0 and metric(text, "jetmoe:kv_cache_usage_perc") == 0
 
 
 def test_non_streaming_disconnect_aborts(api_server, http) -> None:
-    aborted = metric(http.get("/metrics").text, "jetmoe:request_success_total", '{finished_reason="abort"}')
+    aborted = metric(http.get("/metrics").text, "jetmoe:request_success_total", finished_reason="abort")
     body = json.dumps({"prompt": "Once upon a time", "max_tokens": 480, "ignore_eos": True, "n": 16,
                        "temperature": 1.0}).encode()
     host, port = api_server.url.removeprefix("http://").split(":")
@@ -238,7 +233,7 @@ def test_non_streaming_disconnect_aborts(api_server, http) -> None:
         assert _wait_until(lambda: api_server.engine.stats().num_running == 16, 5.0)
     assert _wait_until(lambda: _idle(api_server.engine), 1.0)
     text = http.get("/metrics").text
-    assert metric(text, "jetmoe:request_success_total", '{finished_reason="abort"}') == aborted + 16
+    assert metric(text, "jetmoe:request_success_total", finished_reason="abort") == aborted + 16
 
 
 def test_engine_failure_mid_stream_is_an_error_event(api_server, http, sdk, monkeypatch) -> None:

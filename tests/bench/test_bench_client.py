@@ -260,13 +260,10 @@ def _server_counters(url: str) -> dict[str, float]:
     """The server's own Prometheus token counters (``jetmoe:*_tokens_total``)."""
     import httpx
 
+    from tests.support.prom import sample
+
     text = httpx.get(f"{url}/metrics", timeout=10).text
-    counters = {}
-    for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if name in ("jetmoe:prompt_tokens_total", "jetmoe:generation_tokens_total"):
-            counters[name.split(":")[1]] = float(value)
-    return counters
+    return {name: sample(text, f"jetmoe:{name}") for name in ("prompt_tokens_total", "generation_tokens_total")}
 
 
 def test_live_benchmark_counts_match_the_server(bench_server, engine_checkpoint) -> None:

@@ -102,3 +102,17 @@ def test_prometheus_scrape_config() -> None:
 def test_every_file_says_how_to_use_it(path: str) -> None:
     head = (ROOT / path).read_text().splitlines()[:4]
     assert any(line.startswith("#") for line in head)
+
+
+def test_llm_d_example_routes_to_the_deployment() -> None:
+    pool, config, route = load("docker/kubernetes/llm-d/inferencepool.yaml")
+    (deployment,) = load("docker/kubernetes/deployment.yaml")
+    assert pool["kind"] == "InferencePool" and pool["apiVersion"] == "inference.networking.k8s.io/v1"
+    assert pool["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    ports = deployment["spec"]["template"]["spec"]["containers"][0]["ports"]
+    assert pool["spec"]["targetPorts"][0]["number"] in {p["containerPort"] for p in ports}
+    assert "prefix-cache-scorer" in config["data"]["epp-config.yaml"]
+    assert route["spec"]["rules"][0]["backendRefs"][0]["name"] == pool["metadata"]["name"]
+    # The flags the example asks for exist.
+    _, settings, engine = parse_args(["--export-vllm-metrics", "--kv-events-endpoint", "tcp://0.0.0.0:5557"])
+    assert settings.export_vllm_metrics and engine.kv_events_endpoint == "tcp://0.0.0.0:5557"
