@@ -84,7 +84,10 @@ def test_special_tokens_are_skipped(llama_tokenizer: Tokenizer) -> None:
     detok = IncrementalDetokenizer(llama_tokenizer, prompt)
     assert "".join(s.text for s in _feed(detok, output)) + detok.flush() == " brown fox"
     kept = IncrementalDetokenizer(llama_tokenizer, prompt, skip_special_tokens=False)
-    assert "".join(s.text for s in _feed(kept, output)) + kept.flush() == " brown fox</s>"
+    assert "".join(s.text for s in _feed(kept, output)) + kept.flush() == " brown fox </s>"
+    tight = IncrementalDetokenizer(llama_tokenizer, prompt, skip_special_tokens=False,
+                                   spaces_between_special_tokens=False)
+    assert "".join(s.text for s in _feed(tight, output)) + tight.flush() == " brown fox</s>"
 
 
 def _run_with_stops(
@@ -152,17 +155,28 @@ def test_flush_releases_held_text(llama_tokenizer: Tokenizer) -> None:
     assert detok.flush() == ""
 
 
-def test_invalid_bytes_are_released_not_held(llama_tokenizer: Tokenizer) -> None:
+def test_invalid_bytes_are_released_and_valid_ones_kept(llama_tokenizer: Tokenizer) -> None:
     stray = llama_tokenizer.encode("🦙", add_special_tokens=False)[-1]  # a lone continuation byte
     assert llama_tokenizer.convert_ids_to_tokens([stray]) == ["<0x99>"]
     prompt = llama_tokenizer.encode("The quick")
-    # NOTE: a stray byte right after byte tokens would make `decode` garble the whole byte run after the
-    # fact (tokenizers' ByteFallback decodes a run as a unit); streamed text cannot be taken back.
     output = [stray] * 5 + llama_tokenizer.encode(" fox 日本!", add_special_tokens=False) + [stray]
     detok = IncrementalDetokenizer(llama_tokenizer, prompt)
     steps = _feed(detok, output)
     assert [s.text for s in steps[:5]] == ["\ufffd"] * 5
-    assert "".join(s.text for s in steps) + detok.flush() == _expected(llama_tokenizer, prompt, output)
+    assert "".join(s.text for s in steps) + detok.flush() == "\ufffd" * 5 + " fox 日本!\ufffd"
+
+
+def _byte_ids(tok: Tokenizer, data: bytes) -> list[int]:
+    return tok.hf.convert_tokens_to_ids([f"<0x{b:02X}>" for b in data])
+
+
+def test_valid_bytes_after_an_invalid_one_are_not_replaced(llama_tokenizer: Tokenizer) -> None:
+    prompt = llama_tokenizer.encode("The quick")
+    detok = IncrementalDetokenizer(llama_tokenizer, prompt)
+    steps = _feed(detok, _byte_ids(llama_tokenizer, b"\xe6T\xe6\n\xe6\x97\xa5"))
+    assert [s.text for s in steps] == ["", "\ufffdT", "", "\ufffd\n", "", "", "日"]
+    assert detok.flush() == ""
+    assert llama_tokenizer.decode(_byte_ids(llama_tokenizer, b"\xe6T")) == "\ufffd\ufffd"  # what decode() gives
 
 
 def test_ids_beyond_the_tokenizer_vocab_decode_to_nothing(llama_tokenizer: Tokenizer) -> None:
