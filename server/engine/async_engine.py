@@ -203,6 +203,6 @@ def merge_outputs(outputs: list[RequestOutput]) -> list[RequestOutput]:
         prev.new_text += out.new_text
         if prev.logprobs is not None and out.logprobs is not None:
             prev.logprobs = prev.logprobs + out.logprobs
-        prev.finished, prev.finish_reason = out.finished, out.finish_reason
+        prev.finished, prev.finish_reason, prev.stop_reason = out.finished, out.finish_reason, out.stop_reason
         prev.num_output_tokens = out.num_output_tokens
     return list(merged.values())

@@ -15,10 +15,12 @@ from server.engine.block_manager import BlockManager
 from server.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.kv_events import KVEventPublisher
+from server.engine.logit_masks import bad_words_token_ids
 from server.engine.request import Request, RequestOutput, TokenLogprob
 from server.engine.sampler import SamplerOutput, make_generator
-from server.engine.sampling_params import SamplingParams
+from server.engine.sampling_params import SamplingParams, SamplingParamsError
 from server.engine.scheduler import Scheduler, SchedulerConfig
+from server.engine.token_bytes import TokenBytes
 from server.engine.worker.decode_graphs import graph_batch_sizes
 from server.engine.worker.memory import GIB, plan_for_device
 from server.engine.worker.runner import ModelRunner, kv_block_bytes, kv_blocks_for_memory
@@ -80,6 +82,7 @@ class LLMEngine:
             logger.info("captured CUDA graphs for decode batches of %s sequences in %.1f s",
                         ", ".join(map(str, sizes)), time.perf_counter() - started)
         self._requests: dict[str, list[Request]] = {}
+        self.token_bytes = TokenBytes(tokenizer)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
@@ -101,6 +104,9 @@ class LLMEngine:
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise RequestRejected(f"prompt token ids must be in [0, {vocab})", param="prompt")
         params.validate_vocab(vocab)
+        for sequence in bad_words_token_ids(self.tokenizer, params.bad_words):
+            if any(t >= vocab for t in sequence):
+                raise SamplingParamsError(f"bad_words tokenize to ids beyond the vocabulary of {vocab}", "bad_words")
         total = len(prompt_ids) + params.max_tokens
         if total > self.max_model_len:
             raise RequestRejected(
@@ -167,8 +173,18 @@ class LLMEngine:
         generator = None
         if params.seed is not None:
             generator = make_generator(params.seed + index, self.runner.device)
-        detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop, params.skip_special_tokens)
-        return Request(request_id, index, prompt_ids, params, detok, generator)
+        detok = IncrementalDetokenizer(
+            self.tokenizer, prompt_ids, params.stop, params.skip_special_tokens,
+            include_stop_str_in_output=params.include_stop_str_in_output,
+            spaces_between_special_tokens=params.spaces_between_special_tokens,
+            min_tokens=params.min_tokens, token_bytes=self.token_bytes,
+        )
+        request = Request(request_id, index, prompt_ids, params, detok, generator)
+        request.bad_words = bad_words_token_ids(self.tokenizer, params.bad_words)
+        eos = self.tokenizer.eos_token_id
+        stops = set(params.stop_token_ids) | ({eos} if eos is not None and not params.ignore_eos else set())
+        request.min_tokens_blocked = tuple(sorted(stops)) if params.min_tokens else ()
+        return request
 
     def _append_token(self, request: Request, sampled: SamplerOutput) -> RequestOutput:
         try:
@@ -181,13 +197,14 @@ class LLMEngine:
         token = sampled.token_ids[0]
         request.output_ids.append(token)
         params = request.params
-        reason, text = None, ""
-        if (token == self.tokenizer.eos_token_id and not params.ignore_eos) or token in params.stop_token_ids:
-            reason = "stop"
-        else:
+        reason = self._stop_token(request, token)
+        stop_reason: str | int | None = token if reason and token in params.stop_token_ids else None
+        text = ""
+        if reason is None or params.include_stop_str_in_output:
             delta = request.detokenizer.add_tokens([token])
             text = delta.text
-            reason = "stop" if delta.stopped else None
+            if reason is None and delta.stopped:
+                reason, stop_reason = "stop", delta.stop_string
         if reason is None and (
             len(request.output_ids) >= params.max_tokens or request.num_tokens >= self.max_model_len
         ):
@@ -195,10 +212,19 @@ class LLMEngine:
         if reason is not None and not request.detokenizer.stopped:
             text += request.detokenizer.flush()
         output = self._output(request, [token], text, reason)
+        output.stop_reason = stop_reason
         output.logprobs = _token_logprobs(token, sampled) if params.logprobs is not None else None
         if reason is not None:
             self._finish(request, reason)
         return output
+
+    def _stop_token(self, request: Request, token: int) -> str | None:
+        """"stop" when ``token`` is EOS (unless ignored) or a stop token id, once min_tokens were generated."""
+        params = request.params
+        if len(request.output_ids) < params.min_tokens:
+            return None
+        is_eos = token == self.tokenizer.eos_token_id and not params.ignore_eos
+        return "stop" if is_eos or token in params.stop_token_ids else None
 
     def _output(self, request: Request, tokens: list[int], text: str, reason: str | None) -> RequestOutput:
         first = len(request.output_ids) == len(tokens)

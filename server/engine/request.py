@@ -23,11 +23,15 @@ class RequestStatus(enum.Enum):
 
 @dataclass
 class TokenLogprob:
-    """Log-probability of one token under the model, with the top alternatives at that position."""
+    """Log-probability of one token under the model, with the top alternatives at that position.
+
+    ``rank``: 1 + how many tokens are more likely (filled for prompt tokens).
+    """
 
     token_id: int
     logprob: float
     top: TopLogprobs
+    rank: int | None = None
 
 
 @dataclass
@@ -55,6 +59,8 @@ class Request:
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    bad_words: tuple[tuple[int, ...], ...] = ()  # token sequences of params.bad_words
+    min_tokens_blocked: tuple[int, ...] = ()  # EOS (unless ignore_eos) and stop_token_ids
 
     @property
     def key(self) -> tuple[str, int]:
@@ -102,3 +108,4 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     queue_time: float | None = None  # seconds from arrival to first scheduling, on a sample's first delta
     error: str | None = None
+    stop_reason: str | int | None = None  # the stop string or stop token id that finished it

@@ -117,6 +117,23 @@ def _normalise_stop_token_ids(value: Any) -> tuple[int, ...]:
     return tuple(_check_int("stop_token_ids", t, lo=0) for t in _as_items("stop_token_ids", value))
 
 
+def _normalise_allowed(value: Any) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    ids = tuple(_check_int("allowed_token_ids", t, lo=0) for t in _as_items("allowed_token_ids", value))
+    if not ids:
+        raise SamplingParamsError("allowed_token_ids must not be empty", param="allowed_token_ids")
+    return tuple(sorted(set(ids)))
+
+
+def _normalise_bad_words(value: Any) -> tuple[str, ...]:
+    words = tuple(_as_items("bad_words", value))
+    for word in words:
+        if not isinstance(word, str) or not word.strip():
+            raise SamplingParamsError(f"bad_words must be non-blank strings, got {word!r}", param="bad_words")
+    return words
+
+
 def _check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise SamplingParamsError(f"{name} must be a boolean, got {value!r}", param=name)
@@ -131,6 +148,12 @@ class SamplingParams:
     `logprobs` asks for the chosen token's logprob plus that many top alternatives per generated token (0: only
     the chosen one); `prompt_logprobs` likewise for prompt tokens. Logprobs describe the model's raw
     distribution, before penalties, bias, temperature and filtering.
+
+    As vLLM has them: `min_tokens` masks EOS (unless `ignore_eos`) and `stop_token_ids` until that many tokens
+    were generated (and stop strings are not looked for before); `allowed_token_ids` restricts every step to
+    those ids; `bad_words` are never generated as token sequences (each word tokenized with and without a
+    leading space); `include_stop_str_in_output` keeps the stop string (or stop token's text) in the text;
+    `spaces_between_special_tokens` sets kept special tokens off from the text by a space.
     """
 
     n: int = 1
@@ -150,6 +173,11 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    min_tokens: int = 0
+    allowed_token_ids: tuple[int, ...] | None = None
+    bad_words: tuple[str, ...] = ()
+    include_stop_str_in_output: bool = False
+    spaces_between_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         """Validate every field and normalise containers into tuples and numbers into floats."""
@@ -173,7 +201,19 @@ class SamplingParams:
             "logprobs": _check_optional_int("logprobs", self.logprobs, 0, MAX_LOGPROBS),
             "prompt_logprobs": _check_optional_int("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS),
             "skip_special_tokens": _check_bool("skip_special_tokens", self.skip_special_tokens),
+            "min_tokens": _check_int("min_tokens", self.min_tokens, lo=0),
+            "allowed_token_ids": _normalise_allowed(self.allowed_token_ids),
+            "bad_words": _normalise_bad_words(self.bad_words),
+            "include_stop_str_in_output": _check_bool("include_stop_str_in_output",
+                                                      self.include_stop_str_in_output),
+            "spaces_between_special_tokens": _check_bool("spaces_between_special_tokens",
+                                                         self.spaces_between_special_tokens),
         }
+        min_tokens, max_tokens = int(values["min_tokens"]), int(values["max_tokens"])  # type: ignore[call-overload]
+        if min_tokens > max_tokens:
+            raise SamplingParamsError(
+                f"min_tokens must be at most max_tokens={max_tokens}, got {min_tokens}", param="min_tokens"
+            )
         for name, value in values.items():
             object.__setattr__(self, name, value)
 
@@ -198,7 +238,14 @@ class SamplingParams:
         return dataclasses.replace(self, **overrides)
 
     def validate_vocab(self, vocab_size: int) -> None:
-        """Raise SamplingParamsError when a token id in logit_bias or stop_token_ids is >= vocab_size."""
+        """Raise SamplingParamsError when a token id in logit_bias, stop_token_ids or allowed_token_ids is
+        >= vocab_size."""
+        for token in self.allowed_token_ids or ():
+            if token >= vocab_size:
+                raise SamplingParamsError(
+                    f"allowed_token_ids token id {token} is out of range for a vocabulary of {vocab_size}",
+                    "allowed_token_ids",
+                )
         for token, _ in self.logit_bias:
             if token >= vocab_size:
                 raise SamplingParamsError(

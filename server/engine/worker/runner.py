@@ -145,14 +145,18 @@ class ModelRunner:
             end = min(request.num_computed_tokens + item.num_new_tokens, request.num_prompt_tokens - 1)
             targets = torch.tensor(request.prompt_ids[first + 1 : end + 1], device=logits.device)  # [P]
             logprobs = torch.log_softmax(logits[row : row + len(targets)].float(), dim=-1)  # [P, V]
-            chosen = logprobs.gather(1, targets[:, None]).squeeze(1).tolist()
+            chosen_t = logprobs.gather(1, targets[:, None])  # [P, 1]
+            ranks = (logprobs > chosen_t).sum(dim=-1) + 1  # [P]
+            chosen = chosen_t.squeeze(1).tolist()
             top_vals, top_ids = logprobs.topk(request.params.prompt_logprobs or 0, dim=-1)  # [P, N] each
-            for token, value, ids, vals in zip(targets.tolist(), chosen, top_ids.tolist(), top_vals.tolist()):
-                request.prompt_logprobs.append(TokenLogprob(token, value, list(zip(ids, vals))))
+            for token, value, ids, vals, rank in zip(targets.tolist(), chosen, top_ids.tolist(),
+                                                     top_vals.tolist(), ranks.tolist()):
+                request.prompt_logprobs.append(TokenLogprob(token, value, list(zip(ids, vals)), rank))
 
 
 def _sampling_row(request: Request) -> SamplingRow:
-    return SamplingRow(request.params, request.prompt_ids, request.output_ids, request.generator)
+    return SamplingRow(request.params, request.prompt_ids, request.output_ids, request.generator,
+                       request.bad_words, request.min_tokens_blocked)
 
 
 def _row_of(output: SamplerOutput, i: int) -> SamplerOutput:
