@@ -110,18 +110,32 @@ class Tokenizer:
         """
         return [piece or "" for piece in self._hf.convert_ids_to_tokens(list(ids))]
 
-    def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
-        """The chat prompt as text (BOS included when the template emits it)."""
+    def render_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        *,
+        chat_template: str | None = None,
+        continue_final_message: bool = False,
+        template_kwargs: Mapping[str, Any] | None = None,
+    ) -> str:
+        """The chat prompt as text (BOS included when the template emits it).
+
+        ``chat_template`` replaces the checkpoint's; ``continue_final_message`` ends the text with the last
+        message's content (no end-of-turn after it); ``template_kwargs`` are more template variables.
+        """
         normalized = [{**m, "content": _content_text(m.get("content"))} for m in messages]
         return self._hf.apply_chat_template(
             normalized,
-            chat_template=self.chat_template,
+            chat_template=chat_template or self.chat_template,
             tokenize=False,
             add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            **dict(template_kwargs or {}),
         )
 
     def apply_chat_template(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, **options: Any
     ) -> list[int]:
         """Token ids of the rendered chat prompt (special tokens come from the template text only)."""
-        return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
+        return self.encode(self.render_chat(messages, add_generation_prompt, **options), add_special_tokens=False)

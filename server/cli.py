@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from model.bundled import BUNDLED_MODEL_DIR
+from server.api.chat_template import load_chat_template
+from server.api.generation_defaults import OFF as GENERATION_CONFIG_OFF
 from server.api.settings import ServerSettings
 from server.engine.config import EngineConfig
 
@@ -84,6 +86,10 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         metavar="TOPIC")
     add("--cpu-threads", "PyTorch threads when running on CPU (default: all cores but one, which is left to "
         "the HTTP layer)", type=_positive)
+    add("--chat-template", "a Jinja chat template, or a file holding one, used instead of the checkpoint's",
+        metavar="TEMPLATE")
+    add("--generation-config", "request defaults: auto (the checkpoint's generation_config.json), none, or a "
+        "directory with a generation_config.json", "auto", metavar="SOURCE")
     add("--drain-timeout", "on SIGTERM, seconds in-flight requests may take to finish", "30", _seconds, metavar="SECONDS")
     add("--log-level", f"one of {', '.join(LOG_LEVELS)}", "info", _log_level)
     return parser
@@ -106,9 +112,14 @@ def parse_args(argv: Sequence[str] | None = None,
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     name = args.served_model_name or Path(args.model).resolve().name or str(args.model)
+    template = load_chat_template(args.chat_template) if args.chat_template else None
+    source = args.generation_config
+    if source.lower() not in ("auto", *GENERATION_CONFIG_OFF) and not Path(source).is_dir():
+        raise ValueError(f"--generation-config {source!r} is not auto, none or a directory")
     return ServerSettings(served_model_name=name, api_key=args.api_key or None,
                           max_queued_requests=args.max_queued_requests, drain_timeout=args.drain_timeout,
-                          max_request_bytes=args.max_request_bytes, export_vllm_metrics=args.export_vllm_metrics)
+                          max_request_bytes=args.max_request_bytes, export_vllm_metrics=args.export_vllm_metrics,
+                          chat_template=template, generation_config=source)
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

@@ -10,7 +10,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from server.api.errors import APIError
 
 # NOTE: probes and scrapers must work without the key; the API docs describe no secrets.
-OPEN_PATHS = frozenset({"/health", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+OPEN_PATHS = frozenset({"/health", "/ping", "/version", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc",
+                        "/openapi.json"})
 
 
 def key_matches(authorization: str | None, api_key: str) -> bool:

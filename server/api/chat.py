@@ -11,6 +11,7 @@ from typing import Any
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import Request
 
+from server.api.chat_template import render_messages
 from server.api.errors import APIError
 from server.api.generation import (
     EngineCall,
@@ -23,12 +24,11 @@ from server.api.generation import (
     stream_outputs,
 )
 from server.api.logprobs import chat_logprobs
-from server.api.params import sampling_params
+from server.api.params import sampling_params, truncate_prompt
 from server.api.schemas import (
     ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    ChatMessage,
     ChatResponseMessage,
 )
 from server.api.state import AppState
@@ -49,11 +49,17 @@ class _Job:
         """Alternatives per token, or None when logprobs were not asked for."""
         return (self.body.top_logprobs or 0) if self.body.logprobs else None
 
+    @property
+    def echoed(self) -> str:
+        """With echo: the last message's content when it is the assistant's (it is continued), else ""."""
+        last = self.body.messages[-1]
+        return last.text() if self.body.echo and last.role == "assistant" else ""
+
 
 async def create_chat_completion(state: AppState, body: ChatCompletionRequest, request: Request) -> Response:
     state.check_model(body.model)
-    prompt_ids = render_messages(state, body.messages, body.add_generation_prompt)
-    params = chat_params(body, state.max_model_len - len(prompt_ids))
+    prompt_ids = truncate_prompt(render_messages(state, body.messages, body), body, state.max_model_len)
+    params = chat_params(body, state.max_model_len - len(prompt_ids), state.generation_defaults)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     job = _Job(request_id, int(time.time()), body, prepare_calls(state, request_id, [prompt_ids], params))
     if body.stream:
@@ -65,17 +71,9 @@ async def create_chat_completion(state: AppState, body: ChatCompletionRequest, r
     return JSONResponse(_response(state, job, results).model_dump())
 
 
-def render_messages(state: AppState, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
-    """Token ids of the chat prompt rendered with the checkpoint's template."""
-    plain = [{"role": m.role, "content": m.text()} for m in messages]
-    try:
-        return state.llm.tokenizer.apply_chat_template(plain, add_generation_prompt=add_generation_prompt)
-    except Exception as exc:  # a template may raise on conversations it does not support
-        raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from exc
-
-
-def chat_params(body: ChatCompletionRequest, room: int) -> SamplingParams:
-    """Engine parameters; without a limit the answer may fill the rest of the context."""
+def chat_params(body: ChatCompletionRequest, room: int, defaults: dict[str, Any]) -> SamplingParams:
+    """Engine parameters; without a limit the answer may fill the rest of the context (or the checkpoint's
+    max_new_tokens, when it has one and it is smaller)."""
     if body.top_logprobs is not None:
         if not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs to be true", param="top_logprobs")
@@ -83,34 +81,41 @@ def chat_params(body: ChatCompletionRequest, room: int) -> SamplingParams:
             raise APIError(400, f"top_logprobs must be in [0, {MAX_LOGPROBS}]", param="top_logprobs")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if max_tokens is None:
-        max_tokens = max(room, 1)
-    return sampling_params(body, n=body.n, max_tokens=max_tokens,
+        max_tokens = max(min(room, int(defaults.get("max_tokens", room))), 1)
+    return sampling_params(body, defaults, n=body.n, max_tokens=max_tokens,
                            logprobs=(body.top_logprobs or 0) if body.logprobs else None)
 
 
 def _response(state: AppState, job: _Job, results: dict[tuple[int, int], SampleResult]) -> ChatCompletionResponse:
     usage = UsageCounter(job.calls)
     choices = []
+    as_ids = job.body.return_tokens_as_token_ids
     for (_, index), sample in sorted(results.items()):
-        usage.set(0, index, sample.num_output_tokens)
+        usage.set(0, index, sample.num_output_tokens, sample.num_cached_tokens)
         logprobs = None
         if job.top_n is not None:
-            logprobs = {"content": chat_logprobs(state.texts, sample.logprobs, job.top_n)}
-        choices.append(ChatChoice(index=index, message=ChatResponseMessage(content=sample.text),
-                                  logprobs=logprobs, finish_reason=sample.finish_reason))
+            logprobs = {"content": chat_logprobs(state.texts, sample.logprobs, job.top_n, as_ids)}
+        choices.append(ChatChoice(index=index, message=ChatResponseMessage(content=job.echoed + sample.text),
+                                  logprobs=logprobs, finish_reason=sample.finish_reason,
+                                  stop_reason=sample.stop_reason))
     return ChatCompletionResponse(id=job.id, created=job.created, model=state.settings.served_model_name,
                                   choices=choices, usage=usage.usage())
 
 
 async def _stream(state: AppState, job: _Job) -> AsyncIterator[dict[str, Any]]:
     usage = UsageCounter(job.calls)
+    running = job.body.continuous_usage
     for index in range(job.body.n):
-        yield _chunk(state, job, [_choice(index, {"role": "assistant", "content": ""}, None, None)])
+        yield _chunk(state, job, [_choice(index, {"role": "assistant", "content": ""}, None, None)],
+                     usage.usage().model_dump() if running else None)
+        if job.echoed:
+            yield _chunk(state, job, [_choice(index, {"content": job.echoed}, None, None)],
+                         usage.usage().model_dump() if running else None)
     async for p, output in stream_outputs(state, job.calls):
         usage.add(p, output)
         choice = _delta_choice(state, job, output)
         if choice is not None:
-            yield _chunk(state, job, [choice])
+            yield _chunk(state, job, [choice], usage.usage().model_dump() if running else None)
     if job.body.include_usage:
         yield _chunk(state, job, [], usage.usage().model_dump())
 
@@ -118,17 +123,19 @@ async def _stream(state: AppState, job: _Job) -> AsyncIterator[dict[str, Any]]:
 def _delta_choice(state: AppState, job: _Job, output: RequestOutput) -> dict[str, Any] | None:
     logprobs = None
     if job.top_n is not None and output.logprobs:
-        logprobs = {"content": chat_logprobs(state.texts, output.logprobs, job.top_n)}
+        content = chat_logprobs(state.texts, output.logprobs, job.top_n, job.body.return_tokens_as_token_ids)
+        logprobs = {"content": content}
     if not output.new_text and not output.finished and logprobs is None:
         return None
     delta = {"content": output.new_text} if output.new_text or logprobs else {}
     reason = output.finish_reason if output.finished else None
-    return _choice(output.index, delta, logprobs, reason)
+    return _choice(output.index, delta, logprobs, reason, output.stop_reason if output.finished else None)
 
 
 def _choice(index: int, delta: dict[str, Any], logprobs: dict[str, Any] | None,
-            reason: str | None) -> dict[str, Any]:
-    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+            reason: str | None, stop_reason: str | int | None = None) -> dict[str, Any]:
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason,
+            "stop_reason": stop_reason}
 
 
 def _chunk(state: AppState, job: _Job, choices: list[dict[str, Any]],

@@ -22,8 +22,8 @@ from server.api.generation import (
     run_unless_disconnected,
     stream_outputs,
 )
-from server.api.logprobs import completion_logprobs
-from server.api.params import sampling_params
+from server.api.logprobs import completion_logprobs, prompt_logprobs_field
+from server.api.params import sampling_params, truncate_prompt
 from server.api.schemas import CompletionChoice, CompletionRequest, CompletionResponse
 from server.api.state import AppState
 from server.api.streaming import sse_response
@@ -52,11 +52,19 @@ class _Job:
     def n(self) -> int:
         return self.body.n
 
+    @property
+    def echo_only(self) -> bool:
+        """echo with max_tokens 0: the prompt is scored, the one token the engine draws is dropped (as vLLM)."""
+        return self.body.echo and self.body.max_tokens == 0
+
+    def usage_counter(self) -> UsageCounter:
+        return UsageCounter(self.calls, count_output=not self.echo_only)
+
 
 async def create_completion(state: AppState, body: CompletionRequest, request: Request) -> Response:
     state.check_model(body.model)
-    prompts = parse_prompts(state, body.prompt)
-    params = completion_params(body)
+    prompts = [_truncated(state, p, body) for p in parse_prompts(state, body.prompt)]
+    params = completion_params(body, state.generation_defaults)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     calls = prepare_calls(state, request_id, [p.ids for p in prompts], params)
     job = _Job(request_id, int(time.time()), body, prompts, params, calls)
@@ -86,7 +94,24 @@ def parse_prompts(state: AppState, prompt: str | list[Any]) -> list[Prompt]:
     return [Prompt(list(ids), tokenizer.decode(ids)) for ids in lists]
 
 
-def completion_params(body: CompletionRequest) -> SamplingParams:
+def _truncated(state: AppState, prompt: Prompt, body: CompletionRequest) -> Prompt:
+    ids = truncate_prompt(prompt.ids, body, state.max_model_len)
+    return prompt if len(ids) == len(prompt.ids) else Prompt(ids, state.llm.tokenizer.decode(ids))
+
+
+def _max_tokens(body: CompletionRequest, defaults: dict[str, Any]) -> int:
+    if body.max_tokens is None:
+        return int(defaults.get("max_tokens", 16))
+    if body.max_tokens == 0 and not body.echo:
+        raise APIError(400, "max_tokens must be at least 1 (0 only with echo, to score the prompt)",
+                       param="max_tokens")
+    if body.min_tokens > body.max_tokens:
+        raise APIError(400, f"min_tokens must be at most max_tokens={body.max_tokens}, got {body.min_tokens}",
+                       param="min_tokens")
+    return max(body.max_tokens, 1)
+
+
+def completion_params(body: CompletionRequest, defaults: dict[str, Any]) -> SamplingParams:
     """Engine parameters; with ``best_of`` > n the engine draws best_of samples with logprobs."""
     if body.suffix:
         raise APIError(400, "suffix is not supported", param="suffix")
@@ -95,15 +120,19 @@ def completion_params(body: CompletionRequest) -> SamplingParams:
         raise APIError(400, f"best_of must be in [n, {MAX_N}], got {best_of}", param="best_of")
     if body.stream and best_of > body.n:
         raise APIError(400, "best_of > n is not supported when streaming", param="best_of")
+    if body.stream and body.prompt_logprobs is not None:
+        raise APIError(400, "prompt_logprobs are not available when streaming", param="prompt_logprobs")
     logprobs = body.logprobs
     if logprobs is None and best_of > body.n:
         logprobs = 0  # needed to rank the samples
+    wanted = [n for n in (body.logprobs if body.echo else None, body.prompt_logprobs) if n is not None]
     return sampling_params(
         body,
+        defaults,
         n=best_of,
-        max_tokens=16 if body.max_tokens is None else body.max_tokens,
+        max_tokens=_max_tokens(body, defaults),
         logprobs=logprobs,
-        prompt_logprobs=body.logprobs if body.echo else None,
+        prompt_logprobs=max(wanted) if wanted else None,
     )
 
 
@@ -115,22 +144,28 @@ def _response(state: AppState, job: _Job, results: dict[tuple[int, int], SampleR
             samples = sorted(samples, key=lambda s: s.cumulative_logprob, reverse=True)[: job.n]
         for rank, sample in enumerate(samples):
             choices.append(_choice(state, job, p * job.n + rank, prompt, sample))
-    usage = UsageCounter(job.calls)
+    usage = job.usage_counter()
     for (p, i), sample in results.items():
-        usage.set(p, i, sample.num_output_tokens)
+        usage.set(p, i, sample.num_output_tokens, sample.num_cached_tokens)
     return CompletionResponse(id=job.id, created=job.created, model=state.settings.served_model_name,
                               choices=choices, usage=usage.usage())
 
 
 def _choice(state: AppState, job: _Job, index: int, prompt: Prompt, sample: SampleResult) -> CompletionChoice:
-    echo = job.body.echo
-    text = (prompt.text if echo else "") + sample.text
+    body, echo = job.body, job.body.echo
+    generated = ([], [], "") if job.echo_only else (sample.token_ids, sample.logprobs, sample.text)
+    text = (prompt.text if echo else "") + generated[2]
     logprobs = None
-    if job.body.logprobs is not None:
-        ids, entries = _logprob_entries(prompt if echo else None, sample.prompt_logprobs,
-                                        sample.token_ids, sample.logprobs)
-        logprobs, _ = completion_logprobs(state.texts, ids, entries, 0)
-    return CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=sample.finish_reason)
+    if body.logprobs is not None:
+        ids, entries = _logprob_entries(prompt if echo else None, sample.prompt_logprobs, generated[0], generated[1])
+        logprobs, _ = completion_logprobs(state.texts, ids, entries, 0, body.return_tokens_as_token_ids)
+    prompt_logprobs = None
+    if body.prompt_logprobs is not None and sample.prompt_logprobs is not None:
+        prompt_logprobs = prompt_logprobs_field(state.texts, sample.prompt_logprobs, body.prompt_logprobs)
+    reason = "length" if job.echo_only else sample.finish_reason
+    return CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=reason,
+                            stop_reason=None if job.echo_only else sample.stop_reason,
+                            prompt_logprobs=prompt_logprobs)
 
 
 def _logprob_entries(
@@ -149,13 +184,14 @@ def _logprob_entries(
 
 
 async def _stream(state: AppState, job: _Job) -> AsyncIterator[dict[str, Any]]:
-    usage = UsageCounter(job.calls)
+    usage = job.usage_counter()
     offsets: dict[int, int] = {}  # choice index -> text offset of its next token
     async for p, output in stream_outputs(state, job.calls):
         usage.add(p, output)
         choice = _delta_choice(state, job, p, output, offsets)
         if choice is not None:
-            yield _chunk(state, job, [choice])
+            running = usage.usage().model_dump() if job.body.continuous_usage else None
+            yield _chunk(state, job, [choice], running)
     if job.body.include_usage:
         yield _chunk(state, job, [], usage.usage().model_dump())
 
@@ -165,18 +201,23 @@ def _delta_choice(state: AppState, job: _Job, p: int, output: RequestOutput,
     index = p * job.n + output.index
     first = index not in offsets
     echo = job.body.echo and first
-    text = (job.prompts[p].text if echo else "") + output.new_text
+    new_ids, new_logprobs, new_text = ([], [], "") if job.echo_only else (
+        output.new_token_ids, output.logprobs or [], output.new_text)
+    text = (job.prompts[p].text if echo else "") + new_text
     logprobs = None
     if job.body.logprobs is not None:
         ids, entries = _logprob_entries(job.prompts[p] if echo else None, output.prompt_logprobs,
-                                        output.new_token_ids, output.logprobs or [])
-        logprobs, offsets[index] = completion_logprobs(state.texts, ids, entries, offsets.get(index, 0))
+                                        new_ids, new_logprobs)
+        logprobs, offsets[index] = completion_logprobs(state.texts, ids, entries, offsets.get(index, 0),
+                                                       job.body.return_tokens_as_token_ids)
     else:
         offsets[index] = offsets.get(index, 0) + len(text)
     if not text and not output.finished and not (logprobs and logprobs["tokens"]):
         return None
-    reason = output.finish_reason if output.finished else None
-    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
+    reason = ("length" if job.echo_only else output.finish_reason) if output.finished else None
+    stop_reason = None if job.echo_only or not output.finished else output.stop_reason
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason,
+            "stop_reason": stop_reason}
 
 
 def _chunk(state: AppState, job: _Job, choices: list[dict[str, Any]],

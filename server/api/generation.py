@@ -15,7 +15,7 @@ from typing import TypeVar
 from starlette.requests import Request
 
 from server.api.errors import ClientDisconnected
-from server.api.schemas import Usage
+from server.api.schemas import PromptTokensDetails, Usage
 from server.api.state import AppState, QueueSlots
 from server.engine.request import RequestOutput, TokenLogprob
 from server.engine.sampling_params import SamplingParams
@@ -130,7 +130,9 @@ class SampleResult:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None
     finish_reason: str | None = None
+    stop_reason: str | int | None = None
     num_output_tokens: int = 0
+    num_cached_tokens: int = 0
 
     def add(self, output: RequestOutput) -> None:
         self.text += output.new_text
@@ -140,7 +142,9 @@ class SampleResult:
             self.prompt_logprobs = output.prompt_logprobs
         if output.finished:
             self.finish_reason = output.finish_reason
+            self.stop_reason = output.stop_reason
         self.num_output_tokens = output.num_output_tokens
+        self.num_cached_tokens = output.num_cached_tokens
 
     @property
     def cumulative_logprob(self) -> float:
@@ -183,19 +187,28 @@ async def _wait_disconnect(request: Request) -> None:
 
 
 class UsageCounter:
-    """Token usage of a request: prompts once each, every generated token of every sample."""
+    """Token usage of a request: prompts once each, every generated token of every sample, and the prompt
+    tokens served from the prefix cache (each prompt's first sample; the others share its blocks).
 
-    def __init__(self, calls: Sequence[EngineCall]) -> None:
+    ``count_output`` False: the generated tokens are not returned (echo with ``max_tokens: 0``), so none count.
+    """
+
+    def __init__(self, calls: Sequence[EngineCall], count_output: bool = True) -> None:
         self.prompt_tokens = sum(len(call.prompt_ids) for call in calls)
         self._outputs: dict[tuple[int, int], int] = {}
+        self._cached: dict[int, int] = {}
+        self._count_output = count_output
 
     def add(self, prompt_index: int, output: RequestOutput) -> None:
-        self.set(prompt_index, output.index, output.num_output_tokens)
+        self.set(prompt_index, output.index, output.num_output_tokens, output.num_cached_tokens)
 
-    def set(self, prompt_index: int, index: int, num_output_tokens: int) -> None:
-        self._outputs[(prompt_index, index)] = num_output_tokens
+    def set(self, prompt_index: int, index: int, num_output_tokens: int, num_cached_tokens: int = 0) -> None:
+        self._outputs[(prompt_index, index)] = num_output_tokens if self._count_output else 0
+        if index == 0:
+            self._cached[prompt_index] = num_cached_tokens
 
     def usage(self) -> Usage:
         completion = sum(self._outputs.values())
         return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=completion,
-                     total_tokens=self.prompt_tokens + completion)
+                     total_tokens=self.prompt_tokens + completion,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(self._cached.values())))

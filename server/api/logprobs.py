@@ -32,6 +32,10 @@ class TokenTexts:
     def bytes(self, token_id: int) -> list[int]:
         return self._entry(token_id)[1]
 
+    def label(self, token_id: int, as_id: bool) -> str:
+        """How a logprob entry names the token: its text, or ``token_id:N`` (``return_tokens_as_token_ids``)."""
+        return f"token_id:{token_id}" if as_id else self.text(token_id)
+
     def _entry(self, token_id: int) -> tuple[str, list[int]]:
         entry = self._cache.get(token_id)
         if entry is None:
@@ -50,39 +54,59 @@ def _pick_anchor(tokenizer: Tokenizer) -> list[int]:
 
 
 def completion_logprobs(
-    texts: TokenTexts, token_ids: Sequence[int], entries: Sequence[TokenLogprob | None], offset: int
+    texts: TokenTexts, token_ids: Sequence[int], entries: Sequence[TokenLogprob | None], offset: int,
+    as_ids: bool = False,
 ) -> tuple[dict[str, Any], int]:
     """Legacy ``logprobs`` object for ``token_ids`` (an entry may be None: the first prompt token).
 
     ``offset`` is where the first token starts in the choice's text; returns the object and the next offset.
+    With ``as_ids`` tokens are named ``token_id:N`` (offsets still count the text).
     """
     result: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for token_id, entry in zip(token_ids, entries):
-        text = texts.text(token_id)
-        result["tokens"].append(text)
+        label = texts.label(token_id, as_ids)
+        result["tokens"].append(label)
         result["text_offset"].append(offset)
-        offset += len(text)
+        offset += len(texts.text(token_id))
         if entry is None:
             result["token_logprobs"].append(None)
             result["top_logprobs"].append(None)
             continue
-        top = {texts.text(t): lp for t, lp in entry.top}
-        top.setdefault(text, entry.logprob)  # as vLLM: the chosen token is always listed
+        top = {texts.label(t, as_ids): lp for t, lp in entry.top}
+        top.setdefault(label, entry.logprob)  # as vLLM: the chosen token is always listed
         result["token_logprobs"].append(entry.logprob)
         result["top_logprobs"].append(top)
     return result, offset
 
 
-def chat_logprobs(texts: TokenTexts, entries: Sequence[TokenLogprob], top_n: int) -> list[dict[str, Any]]:
-    """The ``content`` list of chat logprobs: each token with ``top_n`` alternatives."""
+def chat_logprobs(texts: TokenTexts, entries: Sequence[TokenLogprob], top_n: int,
+                  as_ids: bool = False) -> list[dict[str, Any]]:
+    """The ``content`` list of chat logprobs: each token with ``top_n`` alternatives.
+
+    With ``as_ids`` each token is ``token_id:N`` and its ``bytes`` those of that string (as vLLM).
+    """
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        label = texts.label(token_id, as_ids)
+        raw = list(label.encode("utf-8")) if as_ids else texts.bytes(token_id)
+        return {"token": label, "logprob": logprob, "bytes": raw}
+
     return [
-        {
-            "token": texts.text(e.token_id),
-            "logprob": e.logprob,
-            "bytes": texts.bytes(e.token_id),
-            "top_logprobs": [
-                {"token": texts.text(t), "logprob": lp, "bytes": texts.bytes(t)} for t, lp in e.top[:top_n]
-            ],
-        }
+        {**entry(e.token_id, e.logprob), "top_logprobs": [entry(t, lp) for t, lp in e.top[:top_n]]}
         for e in entries
     ]
+
+
+def prompt_logprobs_field(texts: TokenTexts, entries: Sequence[TokenLogprob | None],
+                          top_n: int) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's ``prompt_logprobs``: per prompt position None (the first) or ``{token id: {logprob, rank,
+    decoded_token}}`` for the prompt's own token first, then the ``top_n`` most likely ones (ranks 1..top_n)."""
+    field: list[dict[str, dict[str, Any]] | None] = []
+    for e in entries:
+        if e is None:
+            field.append(None)
+            continue
+        position = {str(e.token_id): {"logprob": e.logprob, "rank": e.rank, "decoded_token": texts.text(e.token_id)}}
+        position.update({str(t): {"logprob": lp, "rank": r + 1, "decoded_token": texts.text(t)}
+                         for r, (t, lp) in enumerate(e.top[:top_n])})
+        field.append(position)
+    return field

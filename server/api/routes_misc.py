@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import uuid
+from typing import Any
+
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from server.api.body import StrictJSONRoute
-from server.api.chat import render_messages
+from server.api.chat_template import render_messages
 from server.api.deps import StateDep
 from server.api.errors import APIError, model_not_found
 from server.api.schemas import (
@@ -17,17 +21,22 @@ from server.api.schemas import (
     HealthStatus,
     ModelCard,
     ModelList,
+    ModelPermission,
     TokenizeRequest,
     TokenizeResponse,
 )
 from server.api.state import AppState
+from server.api.tokenizer_info import tokenizer_info
 
 router = APIRouter(route_class=StrictJSONRoute)
 
 
 def _card(state: AppState) -> ModelCard:
+    permission = ModelPermission(id=f"modelperm-{uuid.uuid5(uuid.NAMESPACE_URL, state.settings.served_model_name).hex}",
+                                 created=state.created)
     return ModelCard(id=state.settings.served_model_name, created=state.created,
-                     owned_by=state.settings.owned_by, max_model_len=state.max_model_len)
+                     owned_by=state.settings.owned_by, root=state.llm.config.model,
+                     max_model_len=state.max_model_len, permission=[permission])
 
 
 @router.get("/v1/models", tags=["models"], responses=ERROR_RESPONSES)
@@ -52,6 +61,33 @@ async def health(state: StateDep) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
+_PING = {200: {"model": HealthStatus}, 503: ERROR_RESPONSES[503]}
+
+
+@router.get("/ping", tags=["ops"], responses=_PING)
+async def ping(state: StateDep) -> JSONResponse:
+    """The same answer as /health (for load balancers that probe /ping, as vLLM has it)."""
+    return await health(state)
+
+
+@router.post("/ping", tags=["ops"], responses=_PING)
+async def ping_post(state: StateDep) -> JSONResponse:
+    """The same answer as /health."""
+    return await health(state)
+
+
+@router.get("/version", tags=["ops"])
+async def version() -> dict[str, str]:
+    """The server's version."""
+    return {"version": importlib.metadata.version("jetmoe-serve")}
+
+
+@router.get("/tokenizer_info", tags=["tokenizer"], responses=ERROR_RESPONSES)
+async def get_tokenizer_info(state: StateDep) -> dict[str, Any]:
+    """The tokenizer's configuration: special tokens, class and the chat template in force (as vLLM's)."""
+    return tokenizer_info(state.llm.tokenizer, state.chat_template)
+
+
 @router.get("/metrics", tags=["ops"], response_class=Response,
             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(state: StateDep) -> Response:
@@ -66,7 +102,7 @@ async def tokenize(body: TokenizeRequest, state: StateDep) -> TokenizeResponse:
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "give exactly one of prompt and messages", param="prompt")
     if body.messages is not None:
-        tokens = render_messages(state, body.messages, body.add_generation_prompt)
+        tokens = render_messages(state, body.messages, body)
     else:
         tokens = state.llm.tokenizer.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
     return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=state.max_model_len)

@@ -50,6 +50,8 @@ class _Request(BaseModel):
 
 class StreamOptions(_Request):
     include_usage: bool = Field(False, description="Send one more chunk with the usage before [DONE].")
+    continuous_usage_stats: bool = Field(
+        False, description="With include_usage: every chunk carries the usage so far (as vLLM).")
 
 
 class SamplingFields(_Request):
@@ -72,6 +74,18 @@ class SamplingFields(_Request):
     stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = Field(
+        True, description="With skip_special_tokens false: kept special tokens are set off by a space.")
+    min_tokens: int = Field(0, ge=0, description="EOS and stop_token_ids are masked until this many tokens.")
+    include_stop_str_in_output: bool = Field(False, description="Keep the stop string (or token) in the text.")
+    allowed_token_ids: list[TokenId] | None = Field(
+        None, min_length=1, description="Generate only these token ids.")
+    bad_words: list[str] | None = Field(
+        None, description="Words never generated (their token sequences, with and without a leading space).")
+    truncate_prompt_tokens: int | None = Field(
+        None, ge=-1, description="Keep only the last N prompt tokens (-1: max_model_len); not 0.")
+    return_tokens_as_token_ids: bool = Field(
+        False, description='Logprob tokens as "token_id:N" instead of their text.')
     user: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -80,17 +94,26 @@ class SamplingFields(_Request):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    @property
+    def continuous_usage(self) -> bool:
+        return self.include_usage and self.stream_options is not None and self.stream_options.continuous_usage_stats
+
 
 class CompletionRequest(SamplingFields):
     prompt: Annotated[str | list[str] | TokenIds | list[TokenIds], WithJsonSchema(PROMPT_SCHEMA)] = Field(
         ..., description="A string, a list of strings, a list of token ids or a list of such lists (none empty)."
     )
-    max_tokens: int | None = Field(16, ge=1, description="Tokens to generate at most (default 16).")
+    max_tokens: int | None = Field(
+        None, ge=0, description="Tokens to generate at most (default 16, or the checkpoint's max_new_tokens); 0 "
+        "only with echo (scores the prompt).")
     best_of: int | None = Field(None, ge=1, le=MAX_N,
                                 description="Samples to draw per prompt (>= n); the n best are returned.")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
                                  description="Log-probabilities of each token and of this many top ones.")
     echo: bool = Field(False, description="Return the prompt before the completion (with its logprobs).")
+    prompt_logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="Per prompt position (None first): the prompt token's "
+        "logprob, rank and text, and this many top alternatives (choices[].prompt_logprobs).")
     suffix: str | None = Field(None, description="Not supported (only null or empty).")
 
 
@@ -100,7 +123,7 @@ class TextPart(_Request):
 
 
 class ChatMessage(_Request):
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
     name: str | None = None
 
@@ -112,22 +135,34 @@ class ChatMessage(_Request):
         return "".join(part.text for part in self.content)
 
 
-class ChatCompletionRequest(SamplingFields):
+class TemplateFields(_Request):
+    """How chat messages are rendered (shared by chat completions and /tokenize)."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = Field(
+        False, description="Continue the last message: nothing is appended after it (needs "
+        "add_generation_prompt false).")
+    chat_template: str | None = Field(None, description="A Jinja chat template for this request.")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="More variables for the template (each must be one the template reads).")
+
+
+class ChatCompletionRequest(SamplingFields, TemplateFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: int | None = Field(None, ge=1, description="Deprecated name of max_completion_tokens.")
     max_completion_tokens: int | None = Field(None, ge=1, description="Default: the rest of the context.")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
                                      description=f"0..{MAX_LOGPROBS} alternatives per token; needs logprobs.")
-    add_generation_prompt: bool = True
+    echo: bool = Field(False, description="Prepend the last message's content to the answer when that message "
+                       "is the assistant's.")
 
 
-class TokenizeRequest(_Request):
+class TokenizeRequest(TemplateFields):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
-    add_generation_prompt: bool = True
 
 
 class DetokenizeRequest(_Request):
@@ -138,10 +173,15 @@ class DetokenizeRequest(_Request):
 # ---- responses ----
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class CompletionLogprobs(BaseModel):
@@ -151,11 +191,19 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
+class PromptLogprob(BaseModel):
+    logprob: float
+    rank: int | None = None
+    decoded_token: str
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -191,6 +239,7 @@ class ChatChoice(BaseModel):
     message: ChatResponseMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    stop_reason: str | int | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -202,12 +251,30 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
+class ModelPermission(BaseModel):
+    id: str
+    object: Literal["model_permission"] = "model_permission"
+    created: int
+    allow_create_engine: bool = False
+    allow_sampling: bool = True
+    allow_logprobs: bool = True
+    allow_search_indices: bool = False
+    allow_view: bool = True
+    allow_fine_tuning: bool = False
+    organization: str = "*"
+    group: str | None = None
+    is_blocking: bool = False
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str
+    root: str
+    parent: str | None = None
     max_model_len: int
+    permission: list[ModelPermission]
 
 
 class ModelList(BaseModel):

@@ -15,6 +15,9 @@ class ServerSettings:
     ``drain_timeout``: on shutdown, seconds in-flight requests may take to finish before they are aborted.
     ``max_request_bytes``: answer 413 to request bodies larger than this.
     ``export_vllm_metrics``: export every metric under vLLM's ``vllm:`` names too (for LLM-aware routers).
+    ``chat_template``: a Jinja template that replaces the checkpoint's (None: the checkpoint's).
+    ``generation_config``: where request defaults come from: "auto" (the checkpoint's generation_config.json),
+    "none", or a directory holding a generation_config.json.
     """
 
     served_model_name: str
@@ -24,6 +27,8 @@ class ServerSettings:
     owned_by: str = "jetmoe"
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     export_vllm_metrics: bool = False
+    chat_template: str | None = None
+    generation_config: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.served_model_name:

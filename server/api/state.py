@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from typing import Any
 
 from server.api.errors import APIError, model_not_found
+from server.api.generation_defaults import describe, load_generation_defaults
 from server.api.logprobs import TokenTexts
 from server.api.metrics import ServerMetrics
 from server.api.settings import ServerSettings
 from server.engine.async_engine import AsyncEngine
 from server.engine.llm_engine import LLMEngine
+
+logger = logging.getLogger(__name__)
 
 
 class AppState:
@@ -31,6 +36,10 @@ class AppState:
         self.draining = False
         self.num_in_flight = 0  # generation requests being answered
         self.num_not_started = 0  # engine requests submitted that have not produced a token yet
+        self.chat_template: str = settings.chat_template or self.llm.tokenizer.chat_template
+        self.generation_defaults: dict[str, Any] = load_generation_defaults(
+            settings.generation_config, self.llm.config.model)
+        logger.info("%s", describe(self.generation_defaults))
 
     @property
     def llm(self) -> LLMEngine:
