@@ -29,7 +29,8 @@ SEED = int(os.environ["FUZZ_SEED"]) if os.environ.get("FUZZ_SEED") else None
 BODIES = [("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("POST", "/tokenize"),
           ("POST", "/detokenize")]
 # NOTE: no value breaks these schemas (a path parameter is any string), so they get valid requests only.
-PLAIN = [("GET", "/v1/models"), ("GET", "/v1/models/{model}"), ("GET", "/health"), ("GET", "/metrics")]
+PLAIN = [("GET", "/v1/models"), ("GET", "/v1/models/{model}"), ("GET", "/health"), ("GET", "/metrics"),
+         ("GET", "/ping"), ("POST", "/ping"), ("GET", "/version"), ("GET", "/tokenizer_info")]
 OPERATIONS = BODIES + PLAIN
 CASES = [(m, p, GenerationMode.POSITIVE) for m, p in OPERATIONS] + [
     (m, p, GenerationMode.NEGATIVE) for m, p in BODIES]
