@@ -22,10 +22,8 @@ def _json_value(value: Any) -> Any:
         return [_json_value(v) for v in value]
     if hasattr(value, "content"):  # an AddedToken
         return value.content
-    if value is None or isinstance(value, (bool, str, float)):
+    if value is None or isinstance(value, (bool, str, int, float)):
         return value
-    if isinstance(value, int):
-        return value if abs(value) < 2**53 else None  # e.g. model_max_length's "unbounded" sentinel
     return str(value)
 
 

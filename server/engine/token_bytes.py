@@ -4,7 +4,8 @@ Sentencepiece-style tokenizers (Llama, JetMoe): a byte-fallback piece ``<0xNN>``
 piece is its UTF-8 with the space marker ``▁`` as a space. Byte-level BPE (GPT-2 style): each character of a
 piece stands for one byte. Added tokens (special or not) are their content. The decoder's ``Strip`` step (the
 dummy-prefix space of the text's first token) is reported as ``strip_leading``: it applies only at the very
-start of a text. Other tokenizer families fall back to decoding each token on its own.
+start of a text. Other tokenizer families fall back to each token's decoded text (a character split across
+tokens then shows as U+FFFD).
 """
 
 from __future__ import annotations
@@ -85,7 +86,14 @@ class TokenBytes:
             if all(ch in table for ch in piece):
                 return bytes(table[ch] for ch in piece)
             return piece.encode("utf-8")
-        return self._tokenizer.decode([token_id], skip_special_tokens=False).encode("utf-8")
+        return self._decoded_after_anchor(token_id).encode("utf-8")
+
+    def _decoded_after_anchor(self, token_id: int) -> str:
+        """A token's text decoded after a fixed anchor token (so its leading space survives), anchor cut off."""
+        anchor = self._tokenizer.encode("a", add_special_tokens=False)[-1:]
+        head = self._tokenizer.decode(anchor, skip_special_tokens=False)
+        text = self._tokenizer.decode(anchor + [token_id], skip_special_tokens=False)
+        return text[len(head):] if text.startswith(head) else text
 
 
 def _replaces_marker(steps: list[dict[str, Any]]) -> bool:

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from model.bundled import BUNDLED_MODEL_DIR
 from model.tokenizer import Tokenizer
 from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.token_bytes import TokenBytes
 
 _BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _TEXTS = ["日本語", "🦙", "😀👍🏽", "über naïve", "  x = 1\n", "\t\n\n", "中文文本", "é", "def f():", " the fox"]
@@ -120,3 +121,31 @@ def test_issue_examples(llama_tokenizer: Tokenizer) -> None:
     ids = tok.hf.convert_tokens_to_ids(["<0xE6>", "<0x54>", "<0xE6>", "<0x0A>"])
     prompt = tok.encode("Look")
     assert _run(tok, prompt, ids, [1] * 4) == ("\ufffdT\ufffd\n", False)
+
+
+def test_token_bytes_read_the_decoder(llama_tokenizer: Tokenizer) -> None:
+    table = TokenBytes(llama_tokenizer)
+    assert (table.kind, table.strip_leading) == ("sentencepiece", 1)
+    (fox,) = llama_tokenizer.encode("fox", add_special_tokens=False)
+    assert table.of(fox) == b" fox" and table.of(llama_tokenizer.eos_token_id) == b"</s>"
+    (byte,) = llama_tokenizer.hf.convert_tokens_to_ids(["<0xE6>"])
+    assert table.of(byte) == b"\xe6" and table.of(llama_tokenizer.vocab_size + 3) == b""
+
+
+def test_byte_level_bpe_streams_its_text() -> None:
+    """A GPT-2 style byte-level tokenizer: each piece's characters stand for bytes."""
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = RawTokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<eos>"])
+    raw.train_from_iterator(["hello world", "the fox jumps", "日本語 text"] * 20, trainer)
+    tok = Tokenizer(PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<eos>"))
+    assert TokenBytes(tok).kind == "byte_level"
+    text = " héllo 🦙 wörld 日本\n"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert _run(tok, tok.encode("the", add_special_tokens=False), ids, [1] * len(ids)) == (text, False)
