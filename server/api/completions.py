@@ -24,7 +24,7 @@ from server.api.generation import (
 )
 from server.api.logprobs import completion_logprobs, prompt_logprobs_field
 from server.api.params import sampling_params, truncate_prompt
-from server.api.schemas import CompletionChoice, CompletionRequest, CompletionResponse
+from server.api.schemas import CompletionChoice, CompletionRequest, CompletionResponse, PromptLogprob
 from server.api.state import AppState
 from server.api.streaming import sse_response
 from server.engine.request import RequestOutput, TokenLogprob
@@ -161,7 +161,8 @@ def _choice(state: AppState, job: _Job, index: int, prompt: Prompt, sample: Samp
         logprobs, _ = completion_logprobs(state.texts, ids, entries, 0, body.return_tokens_as_token_ids)
     prompt_logprobs = None
     if body.prompt_logprobs is not None and sample.prompt_logprobs is not None:
-        prompt_logprobs = prompt_logprobs_field(state.texts, sample.prompt_logprobs, body.prompt_logprobs)
+        field = prompt_logprobs_field(state.texts, sample.prompt_logprobs, body.prompt_logprobs)
+        prompt_logprobs = [None if p is None else {k: PromptLogprob(**v) for k, v in p.items()} for p in field]
     reason = "length" if job.echo_only else sample.finish_reason
     return CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=reason,
                             stop_reason=None if job.echo_only else sample.stop_reason,

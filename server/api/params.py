@@ -35,8 +35,8 @@ def sampling_params(body: SamplingFields, defaults: Mapping[str, Any], **fields:
         spaces_between_special_tokens=body.spaces_between_special_tokens,
         min_tokens=body.min_tokens,
         include_stop_str_in_output=body.include_stop_str_in_output,
-        allowed_token_ids=body.allowed_token_ids,
-        bad_words=body.bad_words or (),
+        allowed_token_ids=None if body.allowed_token_ids is None else tuple(body.allowed_token_ids),
+        bad_words=tuple(body.bad_words or ()),
         **values,
         **fields,
     )

@@ -61,7 +61,7 @@ async def health(state: StateDep) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
-_PING = {200: {"model": HealthStatus}, 503: ERROR_RESPONSES[503]}
+_PING: dict[int | str, dict[str, Any]] = {200: {"model": HealthStatus}, 503: ERROR_RESPONSES[503]}
 
 
 @router.get("/ping", tags=["ops"], responses=_PING)

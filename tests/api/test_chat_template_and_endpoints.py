@@ -182,3 +182,20 @@ def test_generation_config_defaults(checkpoint_with_generation_config, caplog) -
         assert http.post("/v1/completions", json=body).json()["usage"]["completion_tokens"] == 16
         # values a request gives win over the defaults: the same answer as without any
         assert http.post("/v1/completions", json=explicit).json()["choices"][0]["text"] == sampled
+
+
+def test_cli_flags(tmp_path) -> None:
+    from server.cli import parse_args
+
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    path = tmp_path / "template.jinja"
+    path.write_text(template)
+    assert parse_args(["--chat-template", str(path)], {})[1].chat_template == template
+    assert parse_args(["--chat-template", template], {})[1].chat_template == template
+    assert parse_args([], {})[1].generation_config == "auto"
+    assert parse_args(["--generation-config", "none"], {})[1].generation_config == "none"
+    assert parse_args([], {"JETMOE_GENERATION_CONFIG": str(tmp_path)})[1].generation_config == str(tmp_path)
+    for bad in (["--chat-template", "no-such-file.jinja"], ["--generation-config", "sometimes"]):
+        with pytest.raises(SystemExit) as info:
+            parse_args(bad, {})
+        assert info.value.code == 2
