@@ -11,7 +11,7 @@ import pytest
 
 from model.tokenizer import Tokenizer
 from server.api import ServerSettings
-from tests.live_server import SERVED_NAME, live_server
+from tests.support.live_server import SERVED_NAME, live_server
 
 MODEL = SERVED_NAME
 CONVERSATION = [{"role": "user", "content": "Write a loop"}, {"role": "assistant", "content": "for i in"}]

@@ -17,8 +17,8 @@ import torch
 
 from model.tokenizer import Tokenizer
 from server.engine.logit_masks import bad_words_token_ids
-from tests.engine_helpers import hf_greedy
-from tests.live_server import SERVED_NAME
+from tests.support.engine import hf_greedy
+from tests.support.live_server import SERVED_NAME
 
 MODEL = SERVED_NAME
 PROMPT = "def fibonacci(n):"

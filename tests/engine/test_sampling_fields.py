@@ -12,7 +12,7 @@ from server.engine.llm_engine import LLMEngine
 from server.engine.logit_masks import apply_token_masks, bad_words_token_ids
 from server.engine.sampler import Sampler, SamplingRow
 from server.engine.sampling_params import SamplingParams, SamplingParamsError
-from tests.engine_helpers import hf_greedy, run_engine, tokens_of
+from tests.support.engine import hf_greedy, run_engine, tokens_of
 
 
 @pytest.fixture(scope="module")
