@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
 import socket
@@ -102,7 +103,7 @@ def _serve(app: FastAPI, sock: socket.socket, drain_timeout: float, log_level: s
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(app, log_config=None, log_level=log_level, lifespan="on",
-                            timeout_graceful_shutdown=drain_timeout + 5)
+                            timeout_graceful_shutdown=math.ceil(drain_timeout) + 5)
     with _absorb_reraised_signals():
         DrainingServer(config).run(sockets=[sock])
 

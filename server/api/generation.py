@@ -7,7 +7,7 @@ task or an error aborts the engine requests at once and their KV blocks are free
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -56,7 +56,7 @@ def release_slots(calls: Sequence[EngineCall]) -> None:
         calls[0].slots.release_all()
 
 
-async def stream_outputs(state: AppState, calls: Sequence[EngineCall]) -> AsyncIterator[Item]:
+async def stream_outputs(state: AppState, calls: Sequence[EngineCall]) -> AsyncGenerator[Item, None]:
     """Deltas of all calls as they come, tagged with their prompt index."""
     state.num_in_flight += 1
     try:
@@ -68,7 +68,7 @@ async def stream_outputs(state: AppState, calls: Sequence[EngineCall]) -> AsyncI
         state.num_in_flight -= 1
 
 
-async def _tracked(state: AppState, call: EngineCall) -> AsyncIterator[Item]:
+async def _tracked(state: AppState, call: EngineCall) -> AsyncGenerator[Item, None]:
     tracker = state.metrics.tracker(call.params.n)
     started, reason = False, "abort"
     try:
@@ -89,7 +89,7 @@ async def _tracked(state: AppState, call: EngineCall) -> AsyncIterator[Item]:
         tracker.close(reason)
 
 
-async def _fan_in(state: AppState, calls: Sequence[EngineCall]) -> AsyncIterator[Item]:
+async def _fan_in(state: AppState, calls: Sequence[EngineCall]) -> AsyncGenerator[Item, None]:
     """Run the calls concurrently; the first failure ends the stream (and cancels the others)."""
     queue: asyncio.Queue[Item | BaseException | None] = asyncio.Queue()
 
@@ -151,7 +151,7 @@ class SampleResult:
         return sum(e.logprob for e in self.logprobs)
 
 
-async def collect(outputs: AsyncIterator[Item]) -> dict[tuple[int, int], SampleResult]:
+async def collect(outputs: AsyncGenerator[Item, None]) -> dict[tuple[int, int], SampleResult]:
     """Run to the end; results keyed by (prompt index, sample index)."""
     results: dict[tuple[int, int], SampleResult] = {}
     async with aclosing(outputs) as stream:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -22,7 +22,7 @@ def dumps(payload: dict[str, Any]) -> str:
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
 
 
-async def sse_events(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
+async def sse_events(chunks: AsyncGenerator[dict[str, Any], None]) -> AsyncIterator[str]:
     """JSON chunks as event data, ``[DONE]`` at the end; an error ends the stream with an error event."""
     try:
         async with aclosing(chunks) as stream:
@@ -51,7 +51,7 @@ class _SSEResponse(EventSourceResponse):
             self._on_close()
 
 
-def sse_response(chunks: AsyncIterator[dict[str, Any]], drain_timeout: float,
+def sse_response(chunks: AsyncGenerator[dict[str, Any], None], drain_timeout: float,
                  on_close: Callable[[], None] = lambda: None) -> EventSourceResponse:
     """An SSE response that, on server shutdown, lets the stream run ``drain_timeout`` more seconds.
 

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from server.engine.llm_engine import EngineStats, LLMEngine
@@ -72,7 +72,7 @@ class AsyncEngine:
 
     async def generate(
         self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Deltas of one request (all ``params.n`` samples) until every sample finished.
 
         Invalid requests raise before the first delta. Leaving the iterator early aborts the request.
@@ -190,14 +190,20 @@ async def _next_batch(q: asyncio.Queue[RequestOutput | BaseException]) -> list[R
 
 
 def merge_outputs(outputs: list[RequestOutput]) -> list[RequestOutput]:
-    """Fold consecutive deltas per sample index into one (tokens, text and logprobs concatenated)."""
+    """Fold consecutive deltas per sample index into one (tokens, text and logprobs concatenated).
+
+    Errors come after every merged delta: the text a sample produced before it failed still reaches the
+    client (a stream shows it, then the error event).
+    """
     merged: dict[int, RequestOutput] = {}
+    errors: list[RequestOutput] = []
     for out in outputs:
-        prev = merged.get(out.index)
-        if prev is None or out.error is not None:
-            merged[out.index] = out
+        if out.error is not None:
+            errors.append(out)
             continue
-        if prev.error is not None:
+        prev = merged.get(out.index)
+        if prev is None:
+            merged[out.index] = out
             continue
         prev.new_token_ids = prev.new_token_ids + out.new_token_ids
         prev.new_text += out.new_text
@@ -205,4 +211,4 @@ def merge_outputs(outputs: list[RequestOutput]) -> list[RequestOutput]:
             prev.logprobs = prev.logprobs + out.logprobs
         prev.finished, prev.finish_reason, prev.stop_reason = out.finished, out.finish_reason, out.stop_reason
         prev.num_output_tokens = out.num_output_tokens
-    return list(merged.values())
+    return [*merged.values(), *errors]

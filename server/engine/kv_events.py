@@ -70,8 +70,7 @@ class KVEventPublisher:
         import zmq
 
         self._zmq = zmq
-        self._context = zmq.Context.instance()
-        self._socket = self._context.socket(zmq.PUB)
+        self._socket: zmq.Socket = zmq.Context.instance().socket(zmq.PUB)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.bind(endpoint)
         self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)

@@ -10,9 +10,10 @@ import pytest
 
 from model.loader import load_model
 from model.tokenizer import Tokenizer
-from server.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
+from server.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError, merge_outputs
 from server.engine.config import EngineConfig
 from server.engine.llm_engine import LLMEngine, RequestRejected
+from server.engine.request import RequestOutput
 from server.engine.sampling_params import SamplingParams
 from tests.support.engine import run_engine, tokens_of
 
@@ -122,3 +123,15 @@ def test_dead_loop_fails_waiting_streams_and_reports_unhealthy(engine: AsyncEngi
     wait_until(lambda: not engine.is_alive)
     with pytest.raises(EngineDeadError):
         asyncio.run(collect(engine, [5, 6, 7], SamplingParams(max_tokens=4), "after"))
+
+
+def _delta(index: int, text: str, tokens: list[int], error: str | None = None) -> RequestOutput:
+    return RequestOutput("r", index, tokens, text, error is not None, "error" if error else None, 3,
+                         len(tokens), error=error)
+
+
+def test_merged_deltas_keep_the_text_produced_before_an_error() -> None:
+    merged = merge_outputs([_delta(0, "He", [5]), _delta(1, "x", [9]), _delta(0, "llo", [6]),
+                            _delta(0, "", [], error="boom")])
+    assert [(m.index, m.new_text, m.new_token_ids, m.error) for m in merged] == [
+        (0, "Hello", [5, 6], None), (1, "x", [9], None), (0, "", [], "boom")]
