@@ -88,6 +88,8 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         "the HTTP layer)", type=_positive)
     add("--chat-template", "a Jinja chat template, or a file holding one, used instead of the checkpoint's",
         metavar="TEMPLATE")
+    add("--trust-request-chat-template", "accept a chat_template in requests (a template runs with no time "
+        "limit: only for trusted clients)", "false", _bool, metavar="BOOL", nargs="?", const=True)
     add("--generation-config", "request defaults: auto (the checkpoint's generation_config.json), none, or a "
         "directory with a generation_config.json", "auto", metavar="SOURCE")
     add("--drain-timeout", "on SIGTERM, seconds in-flight requests may take to finish", "30", _seconds, metavar="SECONDS")
@@ -119,7 +121,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     return ServerSettings(served_model_name=name, api_key=args.api_key or None,
                           max_queued_requests=args.max_queued_requests, drain_timeout=args.drain_timeout,
                           max_request_bytes=args.max_request_bytes, export_vllm_metrics=args.export_vllm_metrics,
-                          chat_template=template, generation_config=source)
+                          chat_template=template, generation_config=source,
+                          trust_request_chat_template=args.trust_request_chat_template)
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

@@ -1,6 +1,7 @@
 """Chat messages -> prompt token ids: the template in force, its controls, and their validation (400s).
 
-The template is the request's ``chat_template``, else the server's ``--chat-template``, else the checkpoint's.
+The template is the request's ``chat_template`` (only with ``--trust-request-chat-template``), else the server's
+``--chat-template``, else the checkpoint's.
 The ``developer`` role is rendered as ``system``; content parts are joined. ``chat_template_kwargs`` may only
 name variables the template reads (a misspelt one would be ignored silently otherwise).
 """
@@ -46,6 +47,9 @@ def template_variables(template: str) -> frozenset[str]:
 
 
 def _template(state: AppState, fields: TemplateFields) -> str:
+    if fields.chat_template and not state.settings.trust_request_chat_template:
+        raise APIError(400, "chat_template in a request needs a server started with "
+                       "--trust-request-chat-template", param="chat_template", code="chat_template_not_trusted")
     template = fields.chat_template or state.chat_template
     try:
         variables = template_variables(template)

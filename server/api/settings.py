@@ -18,6 +18,8 @@ class ServerSettings:
     ``chat_template``: a Jinja template that replaces the checkpoint's (None: the checkpoint's).
     ``generation_config``: where request defaults come from: "auto" (the checkpoint's generation_config.json),
     "none", or a directory holding a generation_config.json.
+    ``trust_request_chat_template``: accept a request's own ``chat_template`` (a template renders with no time
+    limit, so an untrusted client could stall the server with one; off by default, as in vLLM).
     """
 
     served_model_name: str
@@ -29,6 +31,7 @@ class ServerSettings:
     export_vllm_metrics: bool = False
     chat_template: str | None = None
     generation_config: str = "auto"
+    trust_request_chat_template: bool = False
 
     def __post_init__(self) -> None:
         if not self.served_model_name:

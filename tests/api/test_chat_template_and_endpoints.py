@@ -80,18 +80,39 @@ def test_echo_prepends_the_last_assistant_message(http) -> None:
     assert echoed == user_last  # echo adds the last message only when it is the assistant's
 
 
-def test_roles_parts_and_per_request_templates(http, tokenizer) -> None:
+@pytest.fixture(scope="module")
+def trusted_http(engine_checkpoint):
+    settings = ServerSettings(served_model_name=MODEL, trust_request_chat_template=True)
+    with live_server(engine_checkpoint[0], settings) as server, httpx.Client(base_url=server.url, timeout=60) as http:
+        yield http
+
+
+def test_per_request_templates_need_the_trust_flag(http) -> None:
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    for path, extra in (("/v1/chat/completions", {"max_tokens": 1}), ("/tokenize", {})):
+        response = http.post(path, json={"model": MODEL, "messages": CONVERSATION[:1], "chat_template": template,
+                                         **extra})
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == "chat_template" and error["code"] == "chat_template_not_trusted"
+
+
+def test_roles_parts_and_per_request_templates(http, trusted_http, tokenizer) -> None:
     system = tokenize(http, messages=[{"role": "system", "content": "Be brief"}, CONVERSATION[0]])
     developer = tokenize(http, messages=[{"role": "developer", "content": "Be brief"}, CONVERSATION[0]])
     assert developer == system
     parts = [{"type": "text", "text": "Write "}, {"type": "text", "text": "a loop"}]
     assert tokenize(http, messages=[{"role": "user", "content": parts}]) == tokenize(http, messages=CONVERSATION[:1])
     template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% endfor %}{{ suffix }}"
-    ids = tokenize(http, messages=CONVERSATION[:1], chat_template=template, chat_template_kwargs={"suffix": "!"})
+    ids = tokenize(trusted_http, messages=CONVERSATION[:1], chat_template=template,
+                   chat_template_kwargs={"suffix": "!"})
     assert ids == tokenizer.encode("[user] Write a loop!", add_special_tokens=False)
-    answer = chat(http, messages=CONVERSATION[:1], chat_template=template, chat_template_kwargs={"suffix": ":"},
-                  max_tokens=2)
+    answer = chat(trusted_http, messages=CONVERSATION[:1], chat_template=template,
+                  chat_template_kwargs={"suffix": ":"}, max_tokens=2)
     assert answer["usage"]["prompt_tokens"] == len(tokenizer.encode("[user] Write a loop:", add_special_tokens=False))
+    broken = trusted_http.post("/tokenize", json={"model": MODEL, "messages": CONVERSATION[:1],
+                                                  "chat_template": "{% for %}"})
+    assert broken.status_code == 400 and "does not parse" in broken.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(("body", "param"), [
