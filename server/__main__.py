@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import contextlib
 import logging
-import math
 import os
 import signal
 import socket
@@ -56,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.info("serving %s as %r on %s (%s), %d KV blocks of %d tokens, max_model_len %d, at http://%s:%d",
                     engine_config.model, settings.served_model_name, weight.device, str(weight.dtype)[6:],
                     llm.num_kv_blocks, llm.config.block_size, llm.max_model_len, _url_host(host), port)
-        _serve(app, sock, settings.drain_timeout, args.log_level)
+        _serve(app, sock, args)
     return 0
 
 
@@ -92,18 +93,36 @@ def _load_engine(config: EngineConfig) -> AsyncEngine:
     return engine
 
 
-def _serve(app: FastAPI, sock: socket.socket, drain_timeout: float, log_level: str) -> None:
+def _serve(app: FastAPI, sock: socket.socket, args: argparse.Namespace) -> None:
+    """uvicorn on ``sock`` with the connection guard; SIGTERM drains (``server.api.app.drain``) while the socket
+    keeps answering (503), then the server stops; a second signal stops it at once."""
     import uvicorn
 
-    from server.api.app import begin_drain
+    from server.api.app import drain
+    from server.api.connections import ConnectionLimits, guarded_protocol
 
     class DrainingServer(uvicorn.Server):
-        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            begin_drain(app)  # new requests get 503 and /health 503 while in-flight ones finish
-            super().handle_exit(sig, frame)
+        drain_requested = False
+        drain_task: asyncio.Task[None] | None = None
 
-    config = uvicorn.Config(app, log_config=None, log_level=log_level, lifespan="on",
-                            timeout_graceful_shutdown=math.ceil(drain_timeout) + 5)
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            if self.drain_requested:
+                super().handle_exit(sig, frame)
+            self.drain_requested = True
+
+        async def on_tick(self, counter: int) -> bool:
+            if self.drain_requested and self.drain_task is None:
+                self.drain_task = asyncio.create_task(drain(app.state.api))
+            if self.drain_task is not None and self.drain_task.done():
+                return True
+            return await super().on_tick(counter)
+
+    limits = ConnectionLimits.for_process(args.header_timeout)
+    logger.info("connections: %d served fully, %d for probes; %g s to send a request head, %d s keep-alive",
+                limits.soft_cap, limits.hard_cap, limits.header_timeout, args.keep_alive_timeout)
+    config = uvicorn.Config(app, log_config=None, log_level=args.log_level, lifespan="on",
+                            http=guarded_protocol(limits), timeout_keep_alive=args.keep_alive_timeout,
+                            timeout_graceful_shutdown=10)
     with _absorb_reraised_signals():
         DrainingServer(config).run(sockets=[sock])
 

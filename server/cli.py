@@ -93,6 +93,11 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     add("--generation-config", "request defaults: auto (the checkpoint's generation_config.json), none, or a "
         "directory with a generation_config.json", "auto", metavar="SOURCE")
     add("--drain-timeout", "on SIGTERM, seconds in-flight requests may take to finish", "30", _seconds, metavar="SECONDS")
+    add("--header-timeout", "seconds a connection has to send a complete request head (then 408 and closed)",
+        "10", _seconds, metavar="SECONDS")
+    add("--body-timeout", "seconds a request body may take to arrive after its head (then 408 and closed)",
+        "30", _seconds, metavar="SECONDS")
+    add("--keep-alive-timeout", "seconds an idle keep-alive connection stays open", "5", _positive)
     add("--log-level", f"one of {', '.join(LOG_LEVELS)}", "info", _log_level)
     return parser
 
@@ -104,6 +109,8 @@ def parse_args(argv: Sequence[str] | None = None,
     args = parser.parse_args(argv)
     if not args.model:
         parser.error(f"--model is required: the checkpoint directory to serve (or set {env_name('--model')})")
+    if args.header_timeout <= 0:
+        parser.error("--header-timeout must be positive")
     if args.num_kv_blocks is not None and args.kv_cache_memory is not None:
         parser.error("give --num-kv-blocks or --kv-cache-memory, not both")
     try:
@@ -122,7 +129,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
                           max_queued_requests=args.max_queued_requests, drain_timeout=args.drain_timeout,
                           max_request_bytes=args.max_request_bytes, export_vllm_metrics=args.export_vllm_metrics,
                           chat_template=template, generation_config=source,
-                          trust_request_chat_template=args.trust_request_chat_template)
+                          trust_request_chat_template=args.trust_request_chat_template,
+                          body_timeout=args.body_timeout)
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

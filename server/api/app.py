@@ -14,10 +14,11 @@ from fastapi.openapi.utils import get_openapi
 from server.api import routes_chat, routes_completions, routes_misc
 from server.api.auth import ApiKeyMiddleware
 from server.api.body import BodySizeLimitMiddleware
+from server.api.connections import ProbeOnlyMiddleware, rate_limited_exception_handler
 from server.api.errors import install_error_handlers
 from server.api.settings import ServerSettings
 from server.api.state import AppState
-from server.engine.async_engine import AsyncEngine
+from server.engine.async_engine import AsyncEngine, ServerShuttingDownError
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        asyncio.get_running_loop().set_exception_handler(rate_limited_exception_handler())
         yield
         await drain_and_stop(state)
 
@@ -35,9 +37,11 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     app.state.api = state
     install_error_handlers(app)
     # NOTE: the last middleware added runs first: the key is checked before any body byte is read.
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes,
+                       body_timeout=settings.body_timeout)
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+    app.add_middleware(ProbeOnlyMiddleware)  # connections past the soft cap: probes only
     for module in (routes_completions, routes_chat, routes_misc):
         app.include_router(module.router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
@@ -61,6 +65,19 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 def begin_drain(app: FastAPI) -> None:
     """Stop admitting requests (503, and /health answers 503); in-flight ones keep running."""
     app.state.api.draining = True
+
+
+async def drain(state: AppState) -> None:
+    """What SIGTERM starts: no new requests (503; /health answers 503), in-flight ones run up to the drain
+    timeout, then the rest end with a 503 (a stream with an error event and ``[DONE]``)."""
+    state.draining = True
+    timeout = state.settings.drain_timeout
+    if await state.wait_idle(timeout):
+        return
+    logger.warning("%d request(s) still running after the %g s drain timeout; ending them", state.num_in_flight,
+                   timeout)
+    state.engine.fail_all(ServerShuttingDownError(f"the drain timeout of {timeout:g} s ran out"))
+    await state.wait_idle(5.0)
 
 
 async def drain_and_stop(state: AppState) -> None:

@@ -45,14 +45,25 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, self.api_error.message, headers={"Connection": "close"} if close else None)
 
 
+class BodyTimeout(HTTPException):
+    """Raised from ``receive`` when a body has not arrived within the time allowed (408, connection closed)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.api_error = APIError(408, f"The request body did not arrive within {seconds:g} s.",
+                                  code="request_timeout")
+        super().__init__(408, self.api_error.message, headers={"Connection": "close"})
+
+
 class BodySizeLimitMiddleware:
     """413 for a body over ``max_bytes``: from ``Content-Length`` before reading it, else once the bytes that
-    stream in pass the limit (chunked bodies). The excess is dropped, never buffered."""
+    stream in pass the limit (chunked bodies). The excess is dropped, never buffered. A body that has not
+    arrived ``body_timeout`` seconds after the request head (sent slowly, or chunked without an end) is a 408."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, body_timeout: float = 30.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.drain_bytes = max(max_bytes, _DRAIN_MIN_BYTES)
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -67,16 +78,23 @@ class BodySizeLimitMiddleware:
             await response(scope, receive, send)
             return
         received = 0
-        started = False
+        started = body_done = False
+        deadline = time.monotonic() + self.body_timeout
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:  # after the body only the disconnect can come: no deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise BodyTimeout(self.body_timeout) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
                     drained = not message.get("more_body", False) or await self._discard(receive, received)
                     raise BodyTooLarge(self.max_bytes, close=not drained)
+                body_done = not message.get("more_body", False)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -87,7 +105,7 @@ class BodySizeLimitMiddleware:
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except BodyTooLarge as exc:  # raised outside a route (where no exception handler saw it)
+        except (BodyTooLarge, BodyTimeout) as exc:  # raised outside a route (where no exception handler saw it)
             if started:
                 raise
             await exc.api_error.response()(scope, receive, send)

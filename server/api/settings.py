@@ -14,6 +14,7 @@ class ServerSettings:
     ``max_queued_requests``: answer 429 once this many requests wait for the engine (None: no limit).
     ``drain_timeout``: on shutdown, seconds in-flight requests may take to finish before they are aborted.
     ``max_request_bytes``: answer 413 to request bodies larger than this.
+    ``body_timeout``: answer 408 (and close) when a request body has not arrived this many seconds after its head.
     ``export_vllm_metrics``: export every metric under vLLM's ``vllm:`` names too (for LLM-aware routers).
     ``chat_template``: a Jinja template that replaces the checkpoint's (None: the checkpoint's).
     ``generation_config``: where request defaults come from: "auto" (the checkpoint's generation_config.json),
@@ -32,6 +33,7 @@ class ServerSettings:
     chat_template: str | None = None
     generation_config: str = "auto"
     trust_request_chat_template: bool = False
+    body_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         if not self.served_model_name:
@@ -40,6 +42,8 @@ class ServerSettings:
             raise ValueError(f"max_queued_requests must be positive, got {self.max_queued_requests}")
         if self.drain_timeout < 0:
             raise ValueError(f"drain_timeout must be >= 0, got {self.drain_timeout}")
+        if self.body_timeout <= 0:
+            raise ValueError(f"body_timeout must be positive, got {self.body_timeout}")
         if self.max_request_bytes < 1:
             raise ValueError(f"max_request_bytes must be positive, got {self.max_request_bytes}")
         if self.api_key == "":

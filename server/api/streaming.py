@@ -23,7 +23,8 @@ def dumps(payload: dict[str, Any]) -> str:
 
 
 async def sse_events(chunks: AsyncGenerator[dict[str, Any], None]) -> AsyncIterator[str]:
-    """JSON chunks as event data, ``[DONE]`` at the end; an error ends the stream with an error event."""
+    """JSON chunks as event data, ``[DONE]`` at the end; an error ends the stream with an error event (and,
+    when the server's drain timeout ended it, ``[DONE]`` after it: the stream is complete, only cut short)."""
     try:
         async with aclosing(chunks) as stream:
             async for chunk in stream:
@@ -33,6 +34,8 @@ async def sse_events(chunks: AsyncGenerator[dict[str, Any], None]) -> AsyncItera
         if error.status >= 500:
             logger.warning("stream failed: %s", exc)
         yield dumps(error.body())
+        if error.code == "shutting_down":
+            yield DONE
         return
     yield DONE
 

@@ -29,6 +29,10 @@ class RequestFailedError(RuntimeError):
     """The engine failed this request (the API answers 500 or sends an error event)."""
 
 
+class ServerShuttingDownError(RuntimeError):
+    """The server's drain timeout ran out while this request was still running (the API answers 503)."""
+
+
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
@@ -109,6 +113,10 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         """Abort a request; its blocks are freed by the engine thread right away."""
         self._submit(lambda: self.engine.abort(request_id))
+
+    def fail_all(self, exc: BaseException) -> None:
+        """End every request in flight with ``exc`` (each caller's iterator raises it and aborts its request)."""
+        self._fail_all(exc)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the loop; requests still running fail with ``EngineDeadError``."""
