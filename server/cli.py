@@ -73,7 +73,10 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         "reference elsewhere)", "auto", _backend, metavar="NAME")
     add("--max-num-seqs", "sequences in one batch at most", "64", _positive)
     add("--max-num-batched-tokens", "tokens computed in one engine step at most", "2048", _positive)
-    add("--max-queued-requests", "answer 429 when this many requests wait (default: no limit)", type=_positive)
+    add("--max-queued-requests", "answer 429 when this many sequences (prompts x n) wait, 400 to a request with "
+        "more (default: no limit)", type=_positive)
+    add("--max-response-entries", "answer 400 to a request whose answer would hold more token entries (tokens x "
+        "samples x (1 + logprobs))", "2000000", _positive)
     add("--api-key", "require 'Authorization: Bearer KEY' (except on /health and /metrics)", metavar="KEY")
     add("--max-request-bytes", "answer 413 to request bodies larger than this, e.g. 8MiB or 512KB", "8MiB",
         _size, metavar="SIZE")
@@ -130,7 +133,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
                           max_request_bytes=args.max_request_bytes, export_vllm_metrics=args.export_vllm_metrics,
                           chat_template=template, generation_config=source,
                           trust_request_chat_template=args.trust_request_chat_template,
-                          body_timeout=args.body_timeout)
+                          body_timeout=args.body_timeout, max_response_entries=args.max_response_entries)
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

@@ -14,13 +14,14 @@ from typing import TypeVar
 
 from starlette.requests import Request
 
-from server.api.errors import ClientDisconnected
+from server.api.errors import APIError, ClientDisconnected
 from server.api.schemas import PromptTokensDetails, Usage
 from server.api.state import AppState, QueueSlots
 from server.engine.request import RequestOutput, TokenLogprob
 from server.engine.sampling_params import SamplingParams
 
 T = TypeVar("T")
+MAX_PROMPTS = 2048  # prompts in one completion request
 Item = tuple[int, RequestOutput]  # (prompt index, delta)
 
 
@@ -41,13 +42,33 @@ def prepare_calls(state: AppState, request_id: str, prompts: Sequence[list[int]]
 
     The caller must ``release_all`` the calls' slots once its response is done (``release_slots``).
     """
+    check_request_size(state, prompts, params)
     for ids in prompts:
         state.llm.validate(ids, params)
-    slots = state.admit(len(prompts))
+    slots = state.admit(len(prompts) * params.n, "n" if params.n > 1 else "prompt")
     return [
         EngineCall(i, list(ids), params, request_id if len(prompts) == 1 else f"{request_id}-{i}", slots)
         for i, ids in enumerate(prompts)
     ]
+
+
+def check_request_size(state: AppState, prompts: Sequence[list[int]], params: SamplingParams) -> None:
+    """400 for a request the server will not take whatever its load: too many prompts, more samples per prompt
+    than one batch holds, or an answer with more than ``max_response_entries`` token entries (tokens x
+    samples x (1 + logprob alternatives))."""
+    if len(prompts) > MAX_PROMPTS:
+        raise APIError(400, f"prompt may hold at most {MAX_PROMPTS} prompts, got {len(prompts)}", param="prompt")
+    if params.n > state.llm.config.max_num_seqs:
+        raise APIError(400, f"n/best_of is {params.n}; this server runs at most {state.llm.config.max_num_seqs} "
+                       "sequences at once", param="n")
+    echoed = params.prompt_logprobs is not None
+    tokens = sum((len(ids) if echoed else 0) + params.max_tokens for ids in prompts)
+    width = 1 + max(params.logprobs or 0, params.prompt_logprobs or 0)
+    entries = tokens * params.n * width
+    if entries > state.settings.max_response_entries:
+        raise APIError(400, f"the answer would hold {entries} token entries (tokens x samples x logprobs), more "
+                       f"than the server's limit of {state.settings.max_response_entries}: lower n, max_tokens or "
+                       "logprobs, or split the prompts", param="max_tokens", code="response_too_large")
 
 
 def release_slots(calls: Sequence[EngineCall]) -> None:
@@ -77,7 +98,7 @@ async def _tracked(state: AppState, call: EngineCall) -> AsyncGenerator[Item, No
             async for output in outputs:
                 if not started:
                     started = True
-                    call.slots.release()
+                    call.slots.release(call.params.n)
                 tracker.observe(output)
                 yield call.prompt_index, output
     except Exception:
@@ -85,7 +106,7 @@ async def _tracked(state: AppState, call: EngineCall) -> AsyncGenerator[Item, No
         raise
     finally:
         if not started:
-            call.slots.release()
+            call.slots.release(call.params.n)
         tracker.close(reason)
 
 

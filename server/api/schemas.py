@@ -12,7 +12,16 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
-from server.engine.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_N, MAX_STOP_STRINGS
+from server.engine.sampling_params import (
+    MAX_ALLOWED_TOKEN_IDS,
+    MAX_BAD_WORDS,
+    MAX_LOGIT_BIAS,
+    MAX_LOGPROBS,
+    MAX_N,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+    REPETITION_PENALTY_RANGE,
+)
 
 TokenIds = list[int]
 TokenId = Annotated[int, Field(ge=0)]
@@ -65,13 +74,14 @@ class SamplingFields(_Request):
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(None, gt=0.0, description="1 disables it.")
+    repetition_penalty: float | None = Field(None, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1],
+                                             description="1 disables it.")
     logit_bias: Annotated[dict[str, float] | None, WithJsonSchema(LOGIT_BIAS_SCHEMA)] = Field(
         None, description=f"Token id (a decimal string) -> bias in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}].")
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: Annotated[str | list[str] | None, WithJsonSchema(STOP_SCHEMA)] = Field(
         None, description=f"Up to {MAX_STOP_STRINGS} stop strings; cut out of the returned text.")
-    stop_token_ids: list[TokenId] | None = None
+    stop_token_ids: list[TokenId] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = Field(
@@ -79,9 +89,9 @@ class SamplingFields(_Request):
     min_tokens: int = Field(0, ge=0, description="EOS and stop_token_ids are masked until this many tokens.")
     include_stop_str_in_output: bool = Field(False, description="Keep the stop string (or token) in the text.")
     allowed_token_ids: list[TokenId] | None = Field(
-        None, min_length=1, description="Generate only these token ids.")
+        None, min_length=1, max_length=MAX_ALLOWED_TOKEN_IDS, description="Generate only these token ids.")
     bad_words: list[str] | None = Field(
-        None, description="Words never generated (their token sequences, with and without a leading space).")
+        None, max_length=MAX_BAD_WORDS, description="Words never generated (their token sequences, with and without a leading space).")
     truncate_prompt_tokens: int | None = Field(
         None, ge=-1, description="Keep only the last N prompt tokens (-1: max_model_len); not 0.")
     return_tokens_as_token_ids: bool = Field(

@@ -11,9 +11,12 @@ DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
 class ServerSettings:
     """What the API needs to know beyond the engine.
 
-    ``max_queued_requests``: answer 429 once this many requests wait for the engine (None: no limit).
+    ``max_queued_requests``: answer 429 once this many sequences (prompts x ``n``/``best_of``) wait for the
+    engine, 400 for a request with more sequences than that (None: no limit).
     ``drain_timeout``: on shutdown, seconds in-flight requests may take to finish before they are aborted.
     ``max_request_bytes``: answer 413 to request bodies larger than this.
+    ``max_response_entries``: answer 400 to a request whose answer would hold more token entries than this
+    (tokens x samples x (1 + logprob alternatives)): a small request must not produce a huge response.
     ``body_timeout``: answer 408 (and close) when a request body has not arrived this many seconds after its head.
     ``export_vllm_metrics``: export every metric under vLLM's ``vllm:`` names too (for LLM-aware routers).
     ``chat_template``: a Jinja template that replaces the checkpoint's (None: the checkpoint's).
@@ -34,6 +37,7 @@ class ServerSettings:
     generation_config: str = "auto"
     trust_request_chat_template: bool = False
     body_timeout: float = 30.0
+    max_response_entries: int = 2_000_000
 
     def __post_init__(self) -> None:
         if not self.served_model_name:
@@ -42,6 +46,8 @@ class ServerSettings:
             raise ValueError(f"max_queued_requests must be positive, got {self.max_queued_requests}")
         if self.drain_timeout < 0:
             raise ValueError(f"drain_timeout must be >= 0, got {self.drain_timeout}")
+        if self.max_response_entries < 1:
+            raise ValueError(f"max_response_entries must be positive, got {self.max_response_entries}")
         if self.body_timeout <= 0:
             raise ValueError(f"body_timeout must be positive, got {self.body_timeout}")
         if self.max_request_bytes < 1:

@@ -60,20 +60,24 @@ class AppState:
         if not self.engine.is_alive:
             raise APIError(503, "The engine is not running.", code="engine_dead")
 
-    def admit(self, num_calls: int) -> QueueSlots:
-        """Reserve queue places for a request's engine calls; 429 when ``max_queued_requests`` wait already.
+    def admit(self, num_sequences: int, param: str) -> QueueSlots:
+        """Reserve queue places for a request's sequences (prompts x ``n``/``best_of``): 400 when they can never
+        fit under ``max_queued_requests`` (``param`` is named), 429 with ``Retry-After`` when they do not fit now.
 
-        A call counts as waiting from its admission until its first token (the engine's own count lags behind
-        submissions by up to one step). The check and the reservation happen together, with no await between
-        them, so a burst of concurrent requests cannot all pass the check before any of them is counted.
+        A sequence counts as waiting from its admission until its first token (the engine's own count lags
+        behind submissions by up to one step). The check and the reservation happen together, with no await
+        between them, so a burst of concurrent requests cannot all pass the check before any of them is counted.
         """
         limit = self.settings.max_queued_requests
         if limit is not None:
+            if num_sequences > limit:
+                raise APIError(400, f"The request asks for {num_sequences} sequences (prompts x n); the server "
+                               f"queues at most {limit}.", param=param, code="too_many_sequences")
             queued = max(self.engine.stats().num_waiting, self.num_not_started)
-            if queued >= limit:
-                raise APIError(429, f"The server is overloaded: {queued} requests are waiting (limit {limit}). "
-                               "Retry later.", code="queue_full")
-        return QueueSlots(self, num_calls)
+            if queued + num_sequences > limit:
+                raise APIError(429, f"The server is overloaded: {queued} sequences are waiting (limit {limit}). "
+                               "Retry later.", code="queue_full", headers={"Retry-After": "1"})
+        return QueueSlots(self, num_sequences)
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no generation request is in flight; False when ``timeout`` passed first."""

@@ -20,6 +20,12 @@ MAX_N = 128
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_LOGIT_BIAS = 100.0
+# Bounds that keep one request from slowing every other one's steps (each id or word is work per step).
+MAX_STOP_TOKEN_IDS = 256
+MAX_ALLOWED_TOKEN_IDS = 65536
+MAX_BAD_WORDS = 256
+# Outside this range the penalty overflows logits (1e-308 divides them to infinity) or means nothing useful.
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
 # Range accepted by torch.Generator.manual_seed.
 _SEED_MIN = -(2**63)
 _SEED_MAX = 2**64 - 1
@@ -113,21 +119,29 @@ def _normalise_stop(value: Any) -> tuple[str, ...]:
     return tuple(items)
 
 
+def _check_length(name: str, items: list[Any], limit: int) -> list[Any]:
+    if len(items) > limit:
+        raise SamplingParamsError(f"{name} accepts at most {limit} entries, got {len(items)}", param=name)
+    return items
+
+
 def _normalise_stop_token_ids(value: Any) -> tuple[int, ...]:
-    return tuple(_check_int("stop_token_ids", t, lo=0) for t in _as_items("stop_token_ids", value))
+    items = _check_length("stop_token_ids", _as_items("stop_token_ids", value), MAX_STOP_TOKEN_IDS)
+    return tuple(_check_int("stop_token_ids", t, lo=0) for t in items)
 
 
 def _normalise_allowed(value: Any) -> tuple[int, ...] | None:
     if value is None:
         return None
-    ids = tuple(_check_int("allowed_token_ids", t, lo=0) for t in _as_items("allowed_token_ids", value))
+    items = _check_length("allowed_token_ids", _as_items("allowed_token_ids", value), MAX_ALLOWED_TOKEN_IDS)
+    ids = tuple(_check_int("allowed_token_ids", t, lo=0) for t in items)
     if not ids:
         raise SamplingParamsError("allowed_token_ids must not be empty", param="allowed_token_ids")
     return tuple(sorted(set(ids)))
 
 
 def _normalise_bad_words(value: Any) -> tuple[str, ...]:
-    words = tuple(_as_items("bad_words", value))
+    words = tuple(_check_length("bad_words", _as_items("bad_words", value), MAX_BAD_WORDS))
     for word in words:
         if not isinstance(word, str) or not word.strip():
             raise SamplingParamsError(f"bad_words must be non-blank strings, got {word!r}", param="bad_words")
@@ -190,9 +204,8 @@ class SamplingParams:
             "min_p": _check_float("min_p", self.min_p, 0.0, 1.0),
             "presence_penalty": _check_float("presence_penalty", self.presence_penalty, -2.0, 2.0),
             "frequency_penalty": _check_float("frequency_penalty", self.frequency_penalty, -2.0, 2.0),
-            "repetition_penalty": _check_float(
-                "repetition_penalty", self.repetition_penalty, 0.0, math.inf, True
-            ),
+            "repetition_penalty": _check_float("repetition_penalty", self.repetition_penalty,
+                                               *REPETITION_PENALTY_RANGE),
             "logit_bias": _normalise_logit_bias(self.logit_bias),
             "seed": None if self.seed is None else _check_int("seed", self.seed, _SEED_MIN, _SEED_MAX),
             "stop": _normalise_stop(self.stop),

@@ -14,7 +14,13 @@ import pytest
 
 from server.api.body import loads_strict
 from server.cli import parse_args
-from server.engine.sampling_params import MAX_N, MAX_STOP_STRINGS
+from server.engine.sampling_params import (
+    MAX_ALLOWED_TOKEN_IDS,
+    MAX_BAD_WORDS,
+    MAX_N,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+)
 from tests.support.live_server import SERVED_NAME
 
 MODEL = SERVED_NAME
@@ -67,6 +73,14 @@ CASES = {
     "frequency-penalty": (CHAT, {"messages": HI, "frequency_penalty": -2.5}, 400, "frequency_penalty"),
     "repetition-penalty-zero": (COMPLETIONS, {"prompt": "hi", "repetition_penalty": 0}, 400,
                                 "repetition_penalty"),
+    "repetition-penalty-tiny": (COMPLETIONS, {"prompt": "hi", "repetition_penalty": 1e-308}, 400,
+                                "repetition_penalty"),
+    "repetition-penalty-huge": (CHAT, {"messages": HI, "repetition_penalty": 1e6}, 400, "repetition_penalty"),
+    "stop-token-ids-too-many": (COMPLETIONS, {"prompt": "hi", "stop_token_ids": [5] * (MAX_STOP_TOKEN_IDS + 1)},
+                                400, "stop_token_ids"),
+    "bad-words-too-many": (CHAT, {"messages": HI, "bad_words": ["x"] * (MAX_BAD_WORDS + 1)}, 400, "bad_words"),
+    "allowed-ids-too-many": (COMPLETIONS, {"prompt": "hi", "allowed_token_ids": [5] * (MAX_ALLOWED_TOKEN_IDS + 1)},
+                             400, "allowed_token_ids"),
     "logit-bias-value": (COMPLETIONS, {"prompt": "hi", "logit_bias": {"5": 101}}, 400, "logit_bias"),
     "seed-too-large": (COMPLETIONS, {"prompt": "hi", "seed": 2**64}, 400, "seed"),
     "seed-too-small": (COMPLETIONS, {"prompt": "hi", "seed": -(2**63) - 1}, 400, "seed"),
