@@ -17,9 +17,9 @@ QUEUE = 8
 @pytest.fixture(scope="module")
 def limited(engine_checkpoint):
     settings = ServerSettings(served_model_name=SERVED_NAME, max_queued_requests=QUEUE, max_response_entries=20_000)
-    with live_server(engine_checkpoint[0], settings, max_num_seqs=16) as server:
-        with httpx.Client(base_url=server.url, timeout=60) as http:
-            yield server, http
+    with live_server(engine_checkpoint[0], settings, max_num_seqs=16) as server, \
+            httpx.Client(base_url=server.url, timeout=60) as http:
+        yield server, http
 
 
 def error_of(response: httpx.Response, status: int) -> dict:
