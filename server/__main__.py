@@ -36,6 +36,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help (0) or a bad flag (2, reported already)
         return exc.code if isinstance(exc.code, int) else 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from server.api.auth import RedactQuerySecrets
+
+    logging.getLogger("uvicorn.access").addFilter(RedactQuerySecrets())
     try:
         sock = bind_socket(args.host, args.port)
     except OSError as exc:

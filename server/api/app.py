@@ -14,7 +14,7 @@ from fastapi.openapi.utils import get_openapi
 from server.api import routes_chat, routes_completions, routes_misc
 from server.api.auth import ApiKeyMiddleware
 from server.api.body import BodySizeLimitMiddleware
-from server.api.connections import ProbeOnlyMiddleware, rate_limited_exception_handler
+from server.api.connections import HeadAsGetMiddleware, ProbeOnlyMiddleware, rate_limited_exception_handler
 from server.api.errors import install_error_handlers
 from server.api.settings import ServerSettings
 from server.api.state import AppState
@@ -41,6 +41,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                        body_timeout=settings.body_timeout)
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+    app.add_middleware(HeadAsGetMiddleware)
     app.add_middleware(ProbeOnlyMiddleware)  # connections past the soft cap: probes only
     for module in (routes_completions, routes_chat, routes_misc):
         app.include_router(module.router)

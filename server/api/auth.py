@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import hmac
+import logging
+import re
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.api.errors import APIError
 
-# NOTE: probes and scrapers must work without the key; the API docs describe no secrets.
+# NOTE: probes and scrapers must work without the key; the API docs describe no secrets. The key is read from the
+# Authorization header only: never from the query string (which access logs and proxies record).
 OPEN_PATHS = frozenset({"/health", "/ping", "/version", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc",
                         "/openapi.json"})
 
@@ -41,3 +44,21 @@ class ApiKeyMiddleware:
         response = error.response()
         response.headers["WWW-Authenticate"] = "Bearer"
         await response(scope, receive, send)
+
+
+_SECRET_QUERY = re.compile(r"(?i)([?&](?:api[_-]?key|key|token|access[_-]?token|auth|password|secret)=)[^&\s\"]*")
+
+
+def redact_query_secrets(text: str) -> str:
+    """``text`` with the values of credential-like query parameters replaced by ``***``."""
+    return _SECRET_QUERY.sub(r"\1***", text)
+
+
+class RedactQuerySecrets(logging.Filter):
+    """For uvicorn's access log: a key put in the URL by mistake is not written to the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact_query_secrets(a) if isinstance(a, str) else a for a in record.args)
+        record.msg = redact_query_secrets(str(record.msg))
+        return True

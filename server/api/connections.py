@@ -164,3 +164,16 @@ class rate_limited_exception_handler:  # noqa: N801 - used as a function by the 
             return
         logger.error("%s: %s (%d more suppressed)", message, context.get("exception"), self._suppressed)
         self._last, self._suppressed = now, 0
+
+
+class HeadAsGetMiddleware:
+    """``HEAD`` wherever ``GET`` exists: the app answers the ``GET``; the server sends its head only (uvicorn
+    drops the body of a response to a HEAD request)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            scope = {**scope, "method": "GET"}
+        await self.app(scope, receive, send)

@@ -140,6 +140,9 @@ def test_keys_and_prompts_stay_out_of_the_cli_logs(engine_checkpoint) -> None:
             assert http.post("/v1/completions", json={"prompt": PROMPT},
                              headers={"Authorization": f"Bearer {WRONG}"}).status_code == 401
             assert http.post("/tokenize", json={"prompt": PROMPT, "model": "nope"}, headers=good).status_code == 404
+            # A key in the query string is neither accepted nor written to the access log.
+            assert http.post(f"/v1/completions?api_key={KEY}", json={"prompt": PROMPT}).status_code == 401
+            assert http.get(f"/health?x=1&token={KEY}").status_code == 200
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     finally:
@@ -151,4 +154,5 @@ def test_keys_and_prompts_stay_out_of_the_cli_logs(engine_checkpoint) -> None:
         seen.append(lines.get())
     log = "".join(seen)
     assert '"POST /v1/completions HTTP/1.1" 200' in log and " 401" in log  # access lines were logged
+    assert "api_key=***" in log and "token=***" in log
     assert KEY not in log and WRONG not in log and PROMPT not in log

@@ -261,3 +261,11 @@ def test_engine_failure_mid_stream_is_an_error_event(api_server, http, sdk, monk
     monkeypatch.undo()
     assert _wait_until(lambda: _idle(api_server.engine), 1.0)
     assert http.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 3}).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/health", "/v1/models", f"/v1/models/{MODEL}", "/ping", "/version",
+                                  "/tokenizer_info", "/metrics"])
+def test_head_where_get_exists(http, path: str) -> None:
+    get, head = http.get(path), http.head(path)
+    assert head.status_code == get.status_code == 200
+    assert head.content == b"" and head.headers["content-type"] == get.headers["content-type"]
