@@ -8,6 +8,7 @@ emit `bos_token` therefore yields a prompt without BOS, exactly as with `transfo
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,13 @@ class Tokenizer:
     @property
     def eos_token_id(self) -> int | None:
         return self._hf.eos_token_id
+
+    @functools.cached_property
+    def longest_piece_chars(self) -> int:
+        """The most characters one token can stand for (added tokens included, at least 1)."""
+        pieces = [p for p in self._hf.get_vocab() if p]
+        pieces += [str(t) for t in getattr(self._hf, "all_special_tokens", [])]
+        return max([1, *(len(p) for p in pieces)])
 
     @property
     def all_special_ids(self) -> list[int]:

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.requests import Request
 
 from server.api.chat_template import render_messages
@@ -33,6 +33,7 @@ from server.api.schemas import (
 )
 from server.api.state import AppState
 from server.api.streaming import sse_response
+from server.api.tokenization import check_text_length, json_response, off_loop
 from server.engine.request import RequestOutput
 from server.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 
@@ -58,7 +59,10 @@ class _Job:
 
 async def create_chat_completion(state: AppState, body: ChatCompletionRequest, request: Request) -> Response:
     state.check_model(body.model)
-    prompt_ids = truncate_prompt(render_messages(state, body.messages, body), body, state.max_model_len)
+    if body.truncate_prompt_tokens is None:
+        check_text_length(state, sum(len(m.text()) for m in body.messages), "messages")
+    rendered = await off_loop(render_messages, state, body.messages, body)
+    prompt_ids = truncate_prompt(rendered, body, state.max_model_len)
     params = chat_params(body, state.max_model_len - len(prompt_ids), state.generation_defaults)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     job = _Job(request_id, int(time.time()), body, prepare_calls(state, request_id, [prompt_ids], params))
@@ -68,7 +72,7 @@ async def create_chat_completion(state: AppState, body: ChatCompletionRequest, r
         results = await run_unless_disconnected(request, collect(stream_outputs(state, job.calls)))
     finally:
         release_slots(job.calls)
-    return JSONResponse(_response(state, job, results).model_dump())
+    return await json_response(lambda: _response(state, job, results))
 
 
 def chat_params(body: ChatCompletionRequest, room: int, defaults: dict[str, Any]) -> SamplingParams:

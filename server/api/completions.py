@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.requests import Request
 
 from server.api.errors import APIError
@@ -27,6 +27,7 @@ from server.api.params import sampling_params, truncate_prompt
 from server.api.schemas import CompletionChoice, CompletionRequest, CompletionResponse, PromptLogprob
 from server.api.state import AppState
 from server.api.streaming import sse_response
+from server.api.tokenization import encode_texts, json_response
 from server.engine.request import RequestOutput, TokenLogprob
 from server.engine.sampling_params import MAX_N, SamplingParams
 
@@ -63,7 +64,7 @@ class _Job:
 
 async def create_completion(state: AppState, body: CompletionRequest, request: Request) -> Response:
     state.check_model(body.model)
-    prompts = [_truncated(state, p, body) for p in parse_prompts(state, body.prompt)]
+    prompts = [_truncated(state, p, body) for p in await parse_prompts(state, body)]
     params = completion_params(body, state.generation_defaults)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     calls = prepare_calls(state, request_id, [p.ids for p in prompts], params)
@@ -74,17 +75,21 @@ async def create_completion(state: AppState, body: CompletionRequest, request: R
         results = await run_unless_disconnected(request, collect(stream_outputs(state, calls)))
     finally:
         release_slots(calls)
-    return JSONResponse(_response(state, job, results).model_dump())
+    return await json_response(lambda: _response(state, job, results))
 
 
-def parse_prompts(state: AppState, prompt: str | list[Any]) -> list[Prompt]:
-    """A string, a list of strings, a list of token ids, or a list of token id lists."""
+async def parse_prompts(state: AppState, body: CompletionRequest) -> list[Prompt]:
+    """A string, a list of strings, a list of token ids, or a list of token id lists (text tokenized off the
+    event loop, after a length check unless ``truncate_prompt_tokens`` keeps only the end of it)."""
+    prompt = body.prompt
     tokenizer = state.llm.tokenizer
     texts = [prompt] if isinstance(prompt, str) else prompt
     if not texts or any(isinstance(p, str) and not p for p in texts):
         raise APIError(400, "prompt must not be empty", param="prompt")
     if isinstance(texts[0], str):
-        return [Prompt(tokenizer.encode(p), p) for p in texts]
+        strings = [str(p) for p in texts]
+        ids = await encode_texts(state, strings, check_length=body.truncate_prompt_tokens is None)
+        return [Prompt(i, p) for i, p in zip(ids, strings)]
     lists = [prompt] if isinstance(prompt[0], int) else prompt
     if any(not ids for ids in lists):
         raise APIError(400, "a token id prompt must not be empty", param="prompt")

@@ -26,6 +26,7 @@ from server.api.schemas import (
     TokenizeResponse,
 )
 from server.api.state import AppState
+from server.api.tokenization import encode_texts, off_loop
 from server.api.tokenizer_info import tokenizer_info
 
 router = APIRouter(route_class=StrictJSONRoute)
@@ -102,9 +103,10 @@ async def tokenize(body: TokenizeRequest, state: StateDep) -> TokenizeResponse:
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "give exactly one of prompt and messages", param="prompt")
     if body.messages is not None:
-        tokens = render_messages(state, body.messages, body)
+        tokens = await off_loop(render_messages, state, body.messages, body)
     else:
-        tokens = state.llm.tokenizer.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
+        (tokens,) = await encode_texts(state, [body.prompt or ""], check_length=False,
+                                       add_special_tokens=body.add_special_tokens)
     return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=state.max_model_len)
 
 

@@ -71,3 +71,42 @@ def test_a_request_that_does_not_fit_now_gets_429_with_retry_after(limited) -> N
     finally:
         slots.release_all()
     assert state.num_not_started == 0
+
+
+def test_huge_prompts_are_rejected_before_tokenizing_and_never_stall_the_loop(api_server) -> None:
+    import asyncio
+    import time
+
+    prompt = "word " * 1_600_000  # 8 MB of text: far more than any prompt of max_model_len tokens
+    health: list[float] = []
+
+    async def probe(http: httpx.AsyncClient, until: asyncio.Event) -> None:
+        while not until.is_set():
+            started = time.monotonic()
+            assert (await http.get("/health")).status_code == 200
+            health.append(time.monotonic() - started)
+            await asyncio.sleep(0.02)
+
+    async def post(http: httpx.AsyncClient, body: dict) -> tuple[int, dict, float]:
+        started = time.monotonic()
+        response = await http.post("/v1/completions" if "prompt" in body else "/v1/chat/completions", json=body)
+        return response.status_code, response.json(), time.monotonic() - started
+
+    async def run() -> list[tuple[int, dict, float]]:
+        async with httpx.AsyncClient(base_url=api_server.url, timeout=60) as http:
+            done = asyncio.Event()
+            prober = asyncio.create_task(probe(http, done))
+            await asyncio.sleep(0.1)
+            bodies = [{"prompt": prompt, "max_tokens": 1}] * 3 + [
+                {"messages": [{"role": "user", "content": prompt}], "max_tokens": 1}]
+            results = await asyncio.gather(*(post(http, body) for body in bodies))
+            done.set()
+            await prober
+            return results
+
+    results = asyncio.run(run())
+    for status, body, seconds in results:
+        assert status == 400 and body["error"]["code"] == "context_length_exceeded", body
+        assert seconds < 5
+    health.sort()
+    assert health and health[int(0.99 * (len(health) - 1))] < 0.5, health[-5:]
