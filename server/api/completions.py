@@ -163,7 +163,10 @@ def _choice(state: AppState, job: _Job, index: int, prompt: Prompt, sample: Samp
     logprobs = None
     if body.logprobs is not None:
         ids, entries = _logprob_entries(prompt if echo else None, sample.prompt_logprobs, generated[0], generated[1])
-        logprobs, _ = completion_logprobs(state.texts, ids, entries, 0, body.return_tokens_as_token_ids)
+        hidden = _hidden(state, job, ids, len(prompt.ids) if echo else 0)
+        lead = _lead(state, prompt, ids, hidden) if echo else 0
+        logprobs, _ = completion_logprobs(state.texts, ids, entries, 0, body.return_tokens_as_token_ids, hidden,
+                                          lead)
     prompt_logprobs = None
     if body.prompt_logprobs is not None and sample.prompt_logprobs is not None:
         field = prompt_logprobs_field(state.texts, sample.prompt_logprobs, body.prompt_logprobs)
@@ -202,6 +205,21 @@ async def _stream(state: AppState, job: _Job) -> AsyncIterator[dict[str, Any]]:
         yield _chunk(state, job, [], usage.usage().model_dump())
 
 
+def _hidden(state: AppState, job: _Job, ids: Sequence[int], num_prompt: int) -> list[bool]:
+    """Which tokens have no text in the choice: special tokens of the echoed prompt (its text is the request's
+    own), and generated ones when ``skip_special_tokens`` drops them."""
+    special = state.texts.special_ids
+    skip = job.params.skip_special_tokens
+    return [t in special and (i < num_prompt or skip) for i, t in enumerate(ids)]
+
+
+def _lead(state: AppState, prompt: Prompt, ids: Sequence[int], hidden: Sequence[bool]) -> int:
+    """Leading spaces of the echoed prompt's first visible token that its text does not start with."""
+    first = next((state.texts.text(t) for t, h in zip(ids, hidden) if not h), "")
+    stripped = first.lstrip(" ")
+    return len(first) - len(stripped) if not prompt.text.startswith(first) else 0
+
+
 def _delta_choice(state: AppState, job: _Job, p: int, output: RequestOutput,
                   offsets: dict[int, int]) -> dict[str, Any] | None:
     index = p * job.n + output.index
@@ -214,8 +232,10 @@ def _delta_choice(state: AppState, job: _Job, p: int, output: RequestOutput,
     if job.body.logprobs is not None:
         ids, entries = _logprob_entries(job.prompts[p] if echo else None, output.prompt_logprobs,
                                         new_ids, new_logprobs)
+        hidden = _hidden(state, job, ids, len(job.prompts[p].ids) if echo else 0)
+        lead = _lead(state, job.prompts[p], ids, hidden) if echo else 0
         logprobs, offsets[index] = completion_logprobs(state.texts, ids, entries, offsets.get(index, 0),
-                                                       job.body.return_tokens_as_token_ids)
+                                                       job.body.return_tokens_as_token_ids, hidden, lead)
     else:
         offsets[index] = offsets.get(index, 0) + len(text)
     if not text and not output.finished and not (logprobs and logprobs["tokens"]):

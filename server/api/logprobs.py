@@ -7,6 +7,7 @@ text is cut off (what vLLM's incremental detokenization yields for each token).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -28,6 +29,10 @@ class TokenTexts:
 
     def text(self, token_id: int) -> str:
         return self._entry(token_id)[0]
+
+    @functools.cached_property
+    def special_ids(self) -> frozenset[int]:
+        return frozenset(self.tokenizer.all_special_ids)
 
     def bytes(self, token_id: int) -> list[int]:
         return self._entry(token_id)[1]
@@ -55,19 +60,24 @@ def _pick_anchor(tokenizer: Tokenizer) -> list[int]:
 
 def completion_logprobs(
     texts: TokenTexts, token_ids: Sequence[int], entries: Sequence[TokenLogprob | None], offset: int,
-    as_ids: bool = False,
+    as_ids: bool = False, hidden: Sequence[bool] = (), lead: int = 0,
 ) -> tuple[dict[str, Any], int]:
     """Legacy ``logprobs`` object for ``token_ids`` (an entry may be None: the first prompt token).
 
     ``offset`` is where the first token starts in the choice's text; returns the object and the next offset.
-    With ``as_ids`` tokens are named ``token_id:N`` (offsets still count the text).
+    With ``as_ids`` tokens are named ``token_id:N`` (offsets still count the text). ``hidden[i]`` marks a
+    token whose text is not in the choice's text (a skipped special token such as ``<s>``): it takes no room;
+    ``lead`` characters of the first counted token are not in the text either (the space a sentencepiece text
+    drops at its start).
     """
     result: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for token_id, entry in zip(token_ids, entries):
+    for i, (token_id, entry) in enumerate(zip(token_ids, entries)):
         label = texts.label(token_id, as_ids)
         result["tokens"].append(label)
         result["text_offset"].append(offset)
-        offset += len(texts.text(token_id))
+        if not (i < len(hidden) and hidden[i]):
+            offset += len(texts.text(token_id)) - lead
+            lead = 0
         if entry is None:
             result["token_logprobs"].append(None)
             result["top_logprobs"].append(None)

@@ -258,3 +258,16 @@ def test_64_concurrent_streams_match_one_at_a_time(api_server, client, engine_ch
             assert text == ref.text
     stats = api_server.engine.stats()
     assert stats.num_running == 0 and stats.num_waiting == 0 and not math.isnan(stats.kv_cache_usage)
+
+
+def test_echo_text_offsets_point_into_the_returned_text(client) -> None:
+    result = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=4, temperature=0, logprobs=1,
+                                       echo=True, extra_body={"ignore_eos": True})
+    choice = result.choices[0]
+    lp = choice.logprobs
+    assert lp.tokens[0] == "<s>" and lp.text_offset[0] == 0 and lp.text_offset[1] == 0  # <s> takes no room
+    assert choice.text.startswith(PROMPTS[0])
+    first = lp.tokens[1].lstrip(" ")  # the text drops the sentencepiece space of its first token
+    assert choice.text[: len(first)] == first and lp.text_offset[2] == len(first)
+    for token, offset in zip(lp.tokens[2:], lp.text_offset[2:]):
+        assert choice.text[offset : offset + len(token)] == token, (token, offset)
