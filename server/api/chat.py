@@ -13,6 +13,7 @@ from starlette.requests import Request
 
 from server.api.chat_template import render_messages
 from server.api.errors import APIError
+from server.api.fields import check_fields
 from server.api.generation import (
     EngineCall,
     SampleResult,
@@ -25,6 +26,7 @@ from server.api.generation import (
 )
 from server.api.logprobs import chat_logprobs
 from server.api.params import sampling_params, truncate_prompt
+from server.api.response_format import compile_spec, requested_spec
 from server.api.schemas import (
     ChatChoice,
     ChatCompletionRequest,
@@ -34,8 +36,11 @@ from server.api.schemas import (
 from server.api.state import AppState
 from server.api.streaming import sse_response
 from server.api.tokenization import check_text_length, json_response, off_loop
+from server.api.tool_parser import ToolCallParser
+from server.api.tools import ToolPlan, tool_plan, tool_spec
 from server.engine.request import RequestOutput
 from server.engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from server.engine.structured import StructuredSpec
 
 
 @dataclass
@@ -44,6 +49,11 @@ class _Job:
     created: int
     body: ChatCompletionRequest
     calls: list[EngineCall]
+    tools: ToolPlan | None = None
+
+    @property
+    def parses_calls(self) -> bool:
+        return self.tools is not None and self.tools.calls_allowed
 
     @property
     def top_n(self) -> int | None:
@@ -59,13 +69,17 @@ class _Job:
 
 async def create_chat_completion(state: AppState, body: ChatCompletionRequest, request: Request) -> Response:
     state.check_model(body.model)
+    check_fields(body)
+    plan = tool_plan(body)
     if body.truncate_prompt_tokens is None:
         check_text_length(state, sum(len(m.text()) for m in body.messages), "messages")
-    rendered = await off_loop(render_messages, state, body.messages, body)
+    rendered = await off_loop(render_messages, state, body.messages, body, plan)
     prompt_ids = truncate_prompt(rendered, body, state.max_model_len)
-    params = chat_params(body, state.max_model_len - len(prompt_ids), state.generation_defaults)
+    params = chat_params(body, state.max_model_len - len(prompt_ids), state.generation_defaults).with_overrides(
+        structured=_output_spec(body, plan))
+    await compile_spec(state.llm.grammars, params)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    job = _Job(request_id, int(time.time()), body, prepare_calls(state, request_id, [prompt_ids], params))
+    job = _Job(request_id, int(time.time()), body, prepare_calls(state, request_id, [prompt_ids], params), plan)
     if body.stream:
         return sse_response(_stream(state, job), state.settings.drain_timeout, lambda: release_slots(job.calls))
     try:
@@ -90,6 +104,19 @@ def chat_params(body: ChatCompletionRequest, room: int, defaults: dict[str, Any]
                            logprobs=(body.top_logprobs or 0) if body.logprobs else None)
 
 
+def _output_spec(body: ChatCompletionRequest, plan: ToolPlan | None) -> StructuredSpec | None:
+    """The output constraint: tool calls, or response_format / structured_outputs (not both)."""
+    calls, requested = tool_spec(plan), requested_spec(body)
+    if calls is not None and requested is not None:
+        raise APIError(400, f"{requested.param} cannot be combined with tool calls (tool_choice \"none\" "
+                       "allows it)", param=requested.param)
+    return calls or requested
+
+
+def _finish_reason(reason: str | None, has_calls: bool) -> str | None:
+    return "tool_calls" if has_calls and reason == "stop" else reason
+
+
 def _response(state: AppState, job: _Job, results: dict[tuple[int, int], SampleResult]) -> ChatCompletionResponse:
     usage = UsageCounter(job.calls)
     choices = []
@@ -99,8 +126,14 @@ def _response(state: AppState, job: _Job, results: dict[tuple[int, int], SampleR
         logprobs = None
         if job.top_n is not None:
             logprobs = {"content": chat_logprobs(state.texts, sample.logprobs, job.top_n, as_ids)}
-        choices.append(ChatChoice(index=index, message=ChatResponseMessage(content=job.echoed + sample.text),
-                                  logprobs=logprobs, finish_reason=sample.finish_reason,
+        message, reason = ChatResponseMessage(content=job.echoed + sample.text), sample.finish_reason
+        if job.parses_calls:
+            parser = ToolCallParser()
+            parser.feed(sample.text, final=True)
+            content, calls = parser.message_fields()
+            message = ChatResponseMessage.model_validate({"content": content, "tool_calls": calls})
+            reason = _finish_reason(reason, bool(calls))
+        choices.append(ChatChoice(index=index, message=message, logprobs=logprobs, finish_reason=reason,
                                   stop_reason=sample.stop_reason))
     return ChatCompletionResponse(id=job.id, created=job.created, model=state.settings.served_model_name,
                                   choices=choices, usage=usage.usage())
@@ -110,14 +143,18 @@ async def _stream(state: AppState, job: _Job) -> AsyncIterator[dict[str, Any]]:
     usage = UsageCounter(job.calls)
     running = job.body.continuous_usage
     for index in range(job.body.n):
-        yield _chunk(state, job, [_choice(index, {"role": "assistant", "content": ""}, None, None)],
+        # NOTE: with tools, content stays null until text comes (an answer of calls only has none).
+        first = {"role": "assistant", "content": None if job.parses_calls else ""}
+        yield _chunk(state, job, [_choice(index, first, None, None)],
                      usage.usage().model_dump() if running else None)
         if job.echoed:
             yield _chunk(state, job, [_choice(index, {"content": job.echoed}, None, None)],
                          usage.usage().model_dump() if running else None)
+    parsers: dict[int, ToolCallParser] = {}
     async for p, output in stream_outputs(state, job.calls):
         usage.add(p, output)
-        choice = _delta_choice(state, job, output)
+        choice = (_tool_delta_choice(parsers.setdefault(output.index, ToolCallParser()), output)
+                  if job.parses_calls else _delta_choice(state, job, output))
         if choice is not None:
             yield _chunk(state, job, [choice], usage.usage().model_dump() if running else None)
     if job.body.include_usage:
@@ -134,6 +171,15 @@ def _delta_choice(state: AppState, job: _Job, output: RequestOutput) -> dict[str
     delta = {"content": output.new_text} if output.new_text or logprobs else {}
     reason = output.finish_reason if output.finished else None
     return _choice(output.index, delta, logprobs, reason, output.stop_reason if output.finished else None)
+
+
+def _tool_delta_choice(parser: ToolCallParser, output: RequestOutput) -> dict[str, Any] | None:
+    """Deltas of a request that may call tools: content, then each call's name and its argument fragments."""
+    delta = parser.feed(output.new_text, final=output.finished)
+    if not delta and not output.finished:
+        return None
+    reason = _finish_reason(output.finish_reason, bool(parser.calls)) if output.finished else None
+    return _choice(output.index, delta, None, reason)
 
 
 def _choice(index: int, delta: dict[str, Any], logprobs: dict[str, Any] | None,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import jinja2
 import jinja2.meta
@@ -20,6 +19,7 @@ import jinja2.sandbox
 from server.api.errors import APIError
 from server.api.schemas import ChatMessage, TemplateFields
 from server.api.state import AppState
+from server.api.tools import ToolPlan, template_inputs
 
 _RESERVED = frozenset({"messages", "add_generation_prompt", "continue_final_message", "chat_template"})
 
@@ -62,19 +62,20 @@ def _template(state: AppState, fields: TemplateFields) -> str:
     return template
 
 
-def render_messages(state: AppState, messages: Sequence[ChatMessage], fields: TemplateFields) -> list[int]:
-    """Token ids of the chat prompt rendered with the template in force and the request's options."""
+def render_messages(state: AppState, messages: Sequence[ChatMessage], fields: TemplateFields,
+                    tools: ToolPlan | None = None) -> list[int]:
+    """Token ids of the chat prompt rendered with the template in force and the request's options (tools and
+    past tool calls as ``server.api.tools`` renders them)."""
     if fields.continue_final_message and fields.add_generation_prompt:
         raise APIError(400, "continue_final_message and add_generation_prompt cannot both be true",
                        param="continue_final_message")
     template = _template(state, fields)
-    plain: list[dict[str, Any]] = [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages
-    ]
+    plain, extra = template_inputs(messages, tools, "tools" in template_variables(template))
     try:
         return state.llm.tokenizer.apply_chat_template(
             plain, fields.add_generation_prompt, chat_template=template,
-            continue_final_message=fields.continue_final_message, template_kwargs=fields.chat_template_kwargs,
+            continue_final_message=fields.continue_final_message,
+            template_kwargs={**(fields.chat_template_kwargs or {}), **extra},
         )
     except Exception as exc:  # a template may raise on conversations it does not support
         raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from exc

@@ -12,6 +12,7 @@ from fastapi.responses import Response
 from starlette.requests import Request
 
 from server.api.errors import APIError
+from server.api.fields import check_fields
 from server.api.generation import (
     EngineCall,
     SampleResult,
@@ -24,6 +25,7 @@ from server.api.generation import (
 )
 from server.api.logprobs import completion_logprobs, prompt_logprobs_field
 from server.api.params import sampling_params, truncate_prompt
+from server.api.response_format import compile_spec, requested_spec
 from server.api.schemas import CompletionChoice, CompletionRequest, CompletionResponse, PromptLogprob
 from server.api.state import AppState
 from server.api.streaming import sse_response
@@ -64,8 +66,10 @@ class _Job:
 
 async def create_completion(state: AppState, body: CompletionRequest, request: Request) -> Response:
     state.check_model(body.model)
+    check_fields(body)
     prompts = [_truncated(state, p, body) for p in await parse_prompts(state, body)]
-    params = completion_params(body, state.generation_defaults)
+    params = completion_params(body, state.generation_defaults).with_overrides(structured=requested_spec(body))
+    await compile_spec(state.llm.grammars, params)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     calls = prepare_calls(state, request_id, [p.ids for p in prompts], params)
     job = _Job(request_id, int(time.time()), body, prompts, params, calls)

@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from server.engine.async_engine import EngineDeadError, RequestFailedError, ServerShuttingDownError
 from server.engine.llm_engine import RequestRejected
 from server.engine.sampling_params import SamplingParamsError
+from server.engine.structured import StructuredOutputError
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,8 @@ def to_api_error(exc: BaseException) -> APIError:
         return APIError(400, exc.message, param=exc.param)
     if isinstance(exc, ServerShuttingDownError):
         return APIError(503, f"The server is shutting down: {exc}", code="shutting_down")
+    if isinstance(exc, StructuredOutputError):
+        return APIError(400, exc.message, param=exc.param, code="invalid_structured_output")
     if isinstance(exc, EngineDeadError):
         return APIError(503, f"The engine is not running: {exc}", code="engine_dead")
     if isinstance(exc, RequestFailedError):
@@ -143,8 +146,8 @@ def install_error_handlers(app: FastAPI) -> None:
         logger.exception("unhandled error", exc_info=exc)
         return to_api_error(exc).response()
 
-    for cls in (APIError, RequestRejected, SamplingParamsError, EngineDeadError, RequestFailedError,
-                ServerShuttingDownError):
+    for cls in (APIError, RequestRejected, SamplingParamsError, StructuredOutputError, EngineDeadError,
+                RequestFailedError, ServerShuttingDownError):
         app.add_exception_handler(cls, on_api_error)
     app.add_exception_handler(ClientDisconnected, on_disconnect)
     app.add_exception_handler(RequestValidationError, on_validation)

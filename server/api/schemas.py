@@ -1,4 +1,5 @@
-"""Request and response bodies (OpenAI wire format). Unknown request fields are ignored.
+"""Request and response bodies (OpenAI wire format). Unknown request fields are accepted and logged once per
+name (``server.api.fields``); OpenAI fields the server cannot honour are a 400 naming them.
 
 Request fields are strict JSON types (``"2"`` is not an integer, ``1`` is not a boolean), as OpenAI's API has
 them, and carry their ranges, so that ``/openapi.json`` documents every value the server accepts. The engine
@@ -12,6 +13,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
+from server.api.schemas_structured import (
+    AssistantToolCall,
+    ChatTool,
+    InformationalFields,
+    StructuredOutputFields,
+    ToolCall,
+    ToolChoice,
+    UnsupportedChatFields,
+)
 from server.engine.sampling_params import (
     MAX_ALLOWED_TOKEN_IDS,
     MAX_BAD_WORDS,
@@ -54,7 +64,7 @@ LOGIT_BIAS_SCHEMA = _nullable({
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(_Request):
@@ -63,7 +73,7 @@ class StreamOptions(_Request):
         False, description="With include_usage: every chunk carries the usage so far (as vLLM).")
 
 
-class SamplingFields(_Request):
+class SamplingFields(StructuredOutputFields, InformationalFields):
     """Fields shared by completions and chat completions (OpenAI's, plus vLLM's usual extensions)."""
 
     model: str | None = Field(None, description="The served model name (optional: there is one model).")
@@ -133,9 +143,11 @@ class TextPart(_Request):
 
 
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[AssistantToolCall] | None = Field(None, description="Calls an assistant turn made.")
+    tool_call_id: str | None = Field(None, description="On a tool message: the call it answers.")
 
     def text(self) -> str:
         if self.content is None:
@@ -157,7 +169,7 @@ class TemplateFields(_Request):
         None, description="More variables for the template (each must be one the template reads).")
 
 
-class ChatCompletionRequest(SamplingFields, TemplateFields):
+class ChatCompletionRequest(SamplingFields, TemplateFields, UnsupportedChatFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: int | None = Field(None, ge=1, description="Deprecated name of max_completion_tokens.")
     max_completion_tokens: int | None = Field(None, ge=1, description="Default: the rest of the context.")
@@ -166,6 +178,10 @@ class ChatCompletionRequest(SamplingFields, TemplateFields):
                                      description=f"0..{MAX_LOGPROBS} alternatives per token; needs logprobs.")
     echo: bool = Field(False, description="Prepend the last message's content to the answer when that message "
                        "is the assistant's.")
+    tools: list[ChatTool] | None = Field(None, description="Functions the model may call (JSON-schema parameters).")
+    tool_choice: ToolChoice | None = Field(
+        None, description='"none", "auto" (the default with tools), "required", or one named function.')
+    parallel_tool_calls: bool | None = Field(None, description="Allow more than one call (default true).")
 
 
 class TokenizeRequest(TemplateFields):
@@ -241,7 +257,8 @@ class ChatLogprobs(BaseModel):
 
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):

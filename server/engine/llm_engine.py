@@ -20,12 +20,15 @@ from server.engine.request import Request, RequestOutput, TokenLogprob
 from server.engine.sampler import SamplerOutput, make_generator
 from server.engine.sampling_params import SamplingParams, SamplingParamsError
 from server.engine.scheduler import Scheduler, SchedulerConfig
+from server.engine.structured.compiler import GrammarCompiler
+from server.engine.structured.pending import CompilingRequests
 from server.engine.token_bytes import TokenBytes
 from server.engine.worker.decode_graphs import graph_batch_sizes
 from server.engine.worker.memory import GIB, plan_for_device
 from server.engine.worker.runner import ModelRunner, kv_block_bytes, kv_blocks_for_memory
 
 logger = logging.getLogger(__name__)
+_COMPILE_WAIT_S = 0.005
 
 
 class RequestRejected(ValueError):
@@ -83,6 +86,8 @@ class LLMEngine:
                         ", ".join(map(str, sizes)), time.perf_counter() - started)
         self._requests: dict[str, list[Request]] = {}
         self.token_bytes = TokenBytes(tokenizer)
+        self.grammars = GrammarCompiler(tokenizer.hf, model.config.vocab_size)
+        self._compiling = CompilingRequests(self.grammars)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
@@ -124,32 +129,38 @@ class LLMEngine:
         self.validate(prompt_ids, params)
         children = [self._new_request(request_id, i, list(prompt_ids), params) for i in range(params.n)]
         self._requests[request_id] = children
+        if params.structured is not None:
+            self._compiling.add(children)  # scheduled once its grammar is compiled
+            return
         for child in children:
             self.scheduler.add(child)
 
     def abort(self, request_id: str) -> None:
         """Stop a request (all its samples) and free its blocks at once."""
+        self._compiling.abort(request_id)
         for request in self._requests.pop(request_id, []):
             self.scheduler.finish(request, "abort")
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self._compiling)
 
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, sample, detokenize; returns one delta per sampling request."""
+        outputs = self._admit_compiled()
         step = self.scheduler.schedule()
         if not step.scheduled:
-            return []
+            if not outputs:
+                self._compiling.wait(_COMPILE_WAIT_S)  # only grammars in flight: wait for one, do not spin
+            return outputs
         try:
             sampled = self.runner.execute(step)
         except Exception as exc:  # a failed step fails its requests; the engine keeps serving the rest
             logger.exception("engine step failed")
             self.blocks.reset_prefix_cache()  # blocks registered this step may hold garbage
-            return [self._fail(s.request, exc) for s in step.scheduled]
+            return outputs + [self._fail(s.request, exc) for s in step.scheduled]
         finally:
             if self.kv_events is not None:
                 self.kv_events.publish(self.blocks.take_events())
-        outputs = []
         for item in step.scheduled:
             request = item.request
             request.num_computed_tokens += item.num_new_tokens
@@ -166,6 +177,13 @@ class LLMEngine:
             prefix_cache_hits=self.blocks.prefix_cache_hits,
             num_preemptions=self.scheduler.num_preemptions,
         )
+
+    def _admit_compiled(self) -> list[RequestOutput]:
+        """Queue the samples whose grammar is ready; fail those whose grammar could not be compiled."""
+        ready, failed = self._compiling.pop_done()
+        for request in ready:
+            self.scheduler.add(request)
+        return [self._fail(request, exc) for request, exc in failed]
 
     def _new_request(
         self, request_id: str, index: int, prompt_ids: list[int], params: SamplingParams
@@ -197,7 +215,13 @@ class LLMEngine:
         token = sampled.token_ids[0]
         request.output_ids.append(token)
         params = request.params
+        if request.grammar is not None and not request.grammar.accept(token):
+            raise RuntimeError(f"token {token} was sampled against the request's grammar")
+        # NOTE: a grammar allows EOS only once the output is complete; then EOS ends it even with ignore_eos.
+        completed = request.grammar is not None and request.grammar.is_terminated
         reason = self._stop_token(request, token)
+        if reason is None and completed and token == self.tokenizer.eos_token_id:
+            reason = "stop"
         stop_reason: str | int | None = token if reason and token in params.stop_token_ids else None
         text = ""
         if reason is None or params.include_stop_str_in_output:
@@ -205,6 +229,8 @@ class LLMEngine:
             text = delta.text
             if reason is None and delta.stopped:
                 reason, stop_reason = "stop", delta.stop_string
+        if reason is None and completed:
+            reason = "stop"
         if reason is None and (
             len(request.output_ids) >= params.max_tokens or request.num_tokens >= self.max_model_len
         ):

@@ -10,6 +10,7 @@ import torch
 
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.sampling_params import SamplingParams
+from server.engine.structured.matcher import GrammarState
 
 # (token_id, logprob) pairs, most likely first.
 TopLogprobs = list[tuple[int, float]]
@@ -61,6 +62,7 @@ class Request:
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     bad_words: tuple[tuple[int, ...], ...] = ()  # token sequences of params.bad_words
     min_tokens_blocked: tuple[int, ...] = ()  # EOS (unless ignore_eos) and stop_token_ids
+    grammar: GrammarState | None = None  # set once its constraint is compiled (params.structured)
 
     @property
     def key(self) -> tuple[str, int]:

@@ -10,6 +10,7 @@ Everything runs on the logits' device in float32. Order of operations (vLLM sema
    the token in the output), then presence_penalty (minus penalty if the token occurs in the output).
 3. logit_bias is added, then the hard masks (`logit_masks`: allowed_token_ids, min_tokens, bad_words) set
    tokens to -inf.
+3b. Rows with an output constraint: tokens their grammar forbids next get -inf (``structured.matcher``).
 4. Greedy rows (temperature ~0 or top_k == 1): argmax of the processed logits.
 5. Other rows: divide by temperature, then top-k, then top-p (keep the smallest prefix of tokens by descending
    probability whose mass reaches top_p; the top token is always kept), then min-p (drop tokens whose
@@ -30,6 +31,7 @@ import torch
 
 from server.engine.logit_masks import TokenSequences, apply_token_masks
 from server.engine.sampling_params import SamplingParams
+from server.engine.structured.matcher import GrammarState, apply_grammar_bitmask
 
 
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
@@ -49,6 +51,7 @@ class SamplingRow:
     generator: torch.Generator | None = None  # from make_generator() when params.seed is set
     bad_words: TokenSequences = ()  # token sequences never to complete (``bad_words_token_ids``)
     min_tokens_blocked: tuple[int, ...] = ()  # ids masked while fewer than params.min_tokens were generated
+    grammar: GrammarState | None = None  # the tokens its output constraint allows next
 
 
 @dataclass
@@ -207,6 +210,7 @@ class Sampler:
         want_logprobs = any(row.params.logprobs is not None for row in rows)
         logprobs = logits.log_softmax(dim=-1) if want_logprobs else None  # [B, V] the model's distribution
         processed = apply_token_masks(apply_logit_bias(apply_penalties(logits, rows), rows), rows)  # [B, V]
+        processed = apply_grammar_bitmask(processed, [row.grammar for row in rows])  # [B, V]
         token_ids = self._choose(processed, rows)  # [B]
         if logprobs is None:
             return SamplerOutput(token_ids=[int(t) for t in _to_host([token_ids])[0]])

@@ -14,6 +14,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from server.engine.structured.spec import StructuredSpec
+
 # NOTE: temperatures below this are treated as greedy (as vLLM does): dividing logits by ~0 only overflows.
 GREEDY_TEMPERATURE_EPS = 1e-5
 MAX_N = 128
@@ -146,6 +148,11 @@ def _normalise_bad_words(value: Any) -> tuple[str, ...]:
         if not isinstance(word, str) or not word.strip():
             raise SamplingParamsError(f"bad_words must be non-blank strings, got {word!r}", param="bad_words")
     return words
+def _check_structured(value: Any) -> StructuredSpec | None:
+    if value is not None and not isinstance(value, StructuredSpec):
+        raise SamplingParamsError(f"structured must be a StructuredSpec, got {type(value).__name__}",
+                                  param="structured_outputs")
+    return value
 
 
 def _check_bool(name: str, value: Any) -> bool:
@@ -192,6 +199,7 @@ class SamplingParams:
     bad_words: tuple[str, ...] = ()
     include_stop_str_in_output: bool = False
     spaces_between_special_tokens: bool = True
+    structured: StructuredSpec | None = None  # the output must match this (grammar-constrained decoding)
 
     def __post_init__(self) -> None:
         """Validate every field and normalise containers into tuples and numbers into floats."""
@@ -221,6 +229,7 @@ class SamplingParams:
                                                       self.include_stop_str_in_output),
             "spaces_between_special_tokens": _check_bool("spaces_between_special_tokens",
                                                          self.spaces_between_special_tokens),
+            "structured": _check_structured(self.structured),
         }
         min_tokens, max_tokens = int(values["min_tokens"]), int(values["max_tokens"])  # type: ignore[call-overload]
         if min_tokens > max_tokens:

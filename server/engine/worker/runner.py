@@ -156,7 +156,7 @@ class ModelRunner:
 
 def _sampling_row(request: Request) -> SamplingRow:
     return SamplingRow(request.params, request.prompt_ids, request.output_ids, request.generator,
-                       request.bad_words, request.min_tokens_blocked)
+                       request.bad_words, request.min_tokens_blocked, request.grammar)
 
 
 def _row_of(output: SamplerOutput, i: int) -> SamplerOutput:

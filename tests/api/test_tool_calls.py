@@ -1,0 +1,173 @@
+"""Tool calling through the official SDK against a live server: each ``tool_choice``, arguments valid against
+the tool's schema, streamed calls reassembled by the SDK's stream helper, and past calls in the prompt."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import jsonschema_rs
+import openai
+import pytest
+
+from model.bundled import BUNDLED_MODEL_DIR
+from server.api.schemas import ChatCompletionRequest
+from server.api.tools import SYSTEM_PREAMBLE
+from tests.support.live_server import SERVED_NAME, live_server
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
+                                            "unit": {"enum": ["c", "f"]}},
+           "required": ["city", "unit"], "additionalProperties": False}
+CLOCK = {"type": "object", "properties": {"zone": {"type": "integer", "minimum": -12, "maximum": 12}},
+         "required": ["zone"], "additionalProperties": False}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                      "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "get_time", "parameters": CLOCK}},
+]
+SCHEMAS = {"get_weather": WEATHER, "get_time": CLOCK}
+MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.fixture(scope="module", params=["bundled", "random"])
+def server(request, engine_checkpoint):
+    model_dir = BUNDLED_MODEL_DIR if request.param == "bundled" else engine_checkpoint[0]
+    with live_server(model_dir, max_model_len=1024) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+
+
+def _create(client: openai.OpenAI, **kwargs):
+    defaults = {"messages": MESSAGES, "tools": TOOLS, "max_tokens": 300, "temperature": 0}
+    return client.chat.completions.create(model=SERVED_NAME, **{**defaults, **kwargs})
+
+
+def _check_calls(message, names: set[str]) -> None:
+    assert message.tool_calls
+    for call in message.tool_calls:
+        assert call.type == "function" and call.id.startswith("call_") and call.function.name in names
+        jsonschema_rs.validate(SCHEMAS[call.function.name], json.loads(call.function.arguments))
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 1.0, "seed": 4}])
+def test_required_forces_one_valid_call(client, sampling) -> None:
+    choice = _create(client, tool_choice="required", parallel_tool_calls=False, **sampling).choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert len(choice.message.tool_calls) == 1
+    _check_calls(choice.message, set(SCHEMAS))
+
+
+def test_required_parallel_calls_are_each_valid(client) -> None:
+    choice = _create(client, tool_choice="required", temperature=1.0, seed=9).choices[0]
+    calls = choice.message.tool_calls
+    assert choice.finish_reason in ("tool_calls", "length") and calls
+    assert len({c.id for c in calls}) == len(calls)
+    # A weak model may keep calling until max_tokens: then only the last call is cut short.
+    complete = calls if choice.finish_reason == "tool_calls" else calls[:-1]
+    assert len(calls) >= 2 or choice.finish_reason == "tool_calls"
+    choice.message.tool_calls = complete
+    _check_calls(choice.message, set(SCHEMAS))
+
+
+def test_named_choice_calls_that_tool_once(client) -> None:
+    for name in SCHEMAS:
+        choice = _create(client, tool_choice={"type": "function", "function": {"name": name}}).choices[0]
+        assert choice.finish_reason == "tool_calls" and [c.function.name for c in choice.message.tool_calls] == [name]
+        _check_calls(choice.message, {name})
+
+
+def test_none_never_calls(client) -> None:
+    choice = _create(client, tool_choice="none", max_tokens=24).choices[0]
+    assert choice.message.tool_calls is None and choice.finish_reason == "length"
+    assert isinstance(choice.message.content, str) and choice.message.content
+
+
+def test_auto_lets_the_model_answer_in_text(client) -> None:
+    # A weak model does not start calls by itself; the grammar of a started call is pinned in test_tool_grammar.
+    choice = _create(client, tool_choice="auto", max_tokens=24).choices[0]
+    default = _create(client, max_tokens=24).choices[0]
+    assert choice.message.tool_calls is None and choice.message.content and choice.finish_reason == "length"
+    assert default.message.content == choice.message.content
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_time"}}])
+def test_stream_helper_reassembles_calls(client, tool_choice) -> None:
+    kwargs = {"tool_choice": tool_choice, "parallel_tool_calls": False, "temperature": 1.0, "seed": 21}
+    whole = _create(client, **kwargs).choices[0]
+    with client.chat.completions.stream(model=SERVED_NAME, messages=MESSAGES, tools=TOOLS, max_tokens=300,
+                                        **kwargs) as stream:
+        events = [event.type for event in stream]
+        final = stream.get_final_completion().choices[0]
+    assert "tool_calls.function.arguments.delta" in events and "tool_calls.function.arguments.done" in events
+    assert final.finish_reason == whole.finish_reason == "tool_calls"
+    assert final.message.content == whole.message.content
+    strip = [(c.type, c.function.name, c.function.arguments) for c in final.message.tool_calls]
+    assert strip == [(c.type, c.function.name, c.function.arguments) for c in whole.message.tool_calls]
+
+
+def test_stream_deltas_have_openai_shape(server) -> None:
+    body = {"model": SERVED_NAME, "messages": MESSAGES, "tools": TOOLS, "stream": True, "max_tokens": 300,
+            "tool_choice": {"type": "function", "function": {"name": "get_time"}}, "temperature": 0}
+    with httpx.stream("POST", f"{server.base_url}/chat/completions", json=body, timeout=120) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    calls = [d["tool_calls"][0] for d in deltas if "tool_calls" in d]
+    first = calls[0]
+    assert first["index"] == 0 and first["id"].startswith("call_") and first["type"] == "function"
+    assert first["function"]["name"] == "get_time"
+    assert all(set(c) == {"index", "function"} and set(c["function"]) == {"arguments"} for c in calls[1:])
+    arguments = "".join(c["function"].get("arguments", "") for c in calls)
+    jsonschema_rs.validate(CLOCK, json.loads(arguments))
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def _render(server, history: list[dict], tools: list[dict] | None, **fields) -> list[int]:
+    from server.api.chat_template import render_messages
+    from server.api.tools import tool_plan
+
+    body = ChatCompletionRequest.model_validate({"messages": history, "tools": tools, **fields})
+    return render_messages(server.state, body.messages, body, tool_plan(body))
+
+
+def test_history_with_calls_and_results_is_rendered(server) -> None:
+    history = [
+        {"role": "developer", "content": "Be brief."},
+        *MESSAGES,
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather",
+                                                              "arguments": '{"city": "Paris", "unit": "c"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees"},
+    ]
+    tool_lines = "\n".join(json.dumps(t["function"]) for t in TOOLS)
+    expected = [
+        {"role": "system", "content": f"Be brief.\n\n{SYSTEM_PREAMBLE}\n{tool_lines}"},
+        MESSAGES[0],
+        {"role": "assistant", "content": '<tool_call>{"name": "get_weather", "arguments": '
+                                         '{"city": "Paris", "unit": "c"}}</tool_call>'},
+        {"role": "tool", "content": "18 degrees"},
+    ]
+    tokenizer = server.state.llm.tokenizer
+    rendered = _render(server, history, TOOLS)
+    assert rendered == tokenizer.apply_chat_template(expected)
+    body = {"model": SERVED_NAME, "messages": history, "tools": TOOLS, "max_tokens": 4}
+    answer = httpx.post(f"{server.base_url}/chat/completions", json=body, timeout=60)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["usage"]["prompt_tokens"] == len(rendered)
+    without_tools = [{"role": "system", "content": "Be brief."}, *expected[1:]]
+    assert _render(server, history, None) == tokenizer.apply_chat_template(without_tools)
+
+
+def test_a_template_that_uses_tools_gets_them(server) -> None:
+    template = ("{% for t in tools %}[{{ t.function.name }}]{% endfor %}{% for m in messages %}{{ m.role }}:"
+                "{{ m.content }}{% for c in m.tool_calls or [] %}<{{ c.function.name }} "
+                "{{ c.function.arguments.city }}>{% endfor %};{% endfor %}")
+    history = [MESSAGES[0], {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]}]
+    rendered = _render(server, history, TOOLS, chat_template=template, add_generation_prompt=False)
+    assert server.state.llm.tokenizer.decode(rendered) == (
+        "[get_weather][get_time]user:What is the weather in Paris?;assistant:<get_weather Rome>;")
