@@ -1,7 +1,7 @@
 """Cost of grammar-constrained decoding on the engine workload: half the requests JSON-schema-constrained
 against none, interleaved in one run.
 
-    python benchmarks/bench_structured.py [--threads 2] [--repeats 3] [--num-requests 64] [--bundled]
+    python -m benchmarks.bench_structured [--threads 2] [--repeats 3] [--num-requests 64] [--bundled]
 
 Workload: ``benchmarks/bench_engine.py``'s (``--num-requests`` random prompts of 9 to 121 tokens, 16 to 256
 output tokens each, greedy, EOS ignored) on its random fp32 JetMoe with a 32000-piece tokenizer (``--bundled``:
@@ -26,9 +26,9 @@ import time
 from collections.abc import Callable
 
 import torch
-from bench_engine import build_checkpoint, engine_config, make_workload
 
 import server.engine.sampler as sampler_module
+from benchmarks.bench_engine import build_checkpoint, engine_config, make_workload
 from model.bundled import BUNDLED_MODEL_DIR
 from model.loader import load_model
 from model.tokenizer import Tokenizer

@@ -1,7 +1,7 @@
 """xgrammar against llguidance on this project's tokenizer: compile time and per-step mask cost.
 
     pip install xgrammar llguidance   # only this comparison needs both
-    python benchmarks/compare_grammar_libraries.py [--model DIR] [--steps 64] [--threads 1]
+    python -m benchmarks.compare_grammar_libraries [--model DIR] [--steps 64] [--threads 1]
 
 For a few JSON schemas of the shapes clients send (flat, nested with $defs/$ref, enums and optionals, arrays
 with bounds, string patterns) it reports per library: the compile time of a first use (median over fresh

@@ -124,7 +124,7 @@ def test_roles_parts_and_per_request_templates(http, trusted_http, tokenizer) ->
     ({"max_tokens": 3, "min_tokens": 4}, "min_tokens"),
     ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
     ({"allowed_token_ids": [10**6]}, "allowed_token_ids"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
 ])
 def test_bad_chat_input_is_a_400(http, body, param) -> None:
     response = http.post("/v1/chat/completions", json={"model": MODEL, "messages": CONVERSATION[:1], **body})

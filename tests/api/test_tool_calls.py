@@ -11,8 +11,9 @@ import openai
 import pytest
 
 from model.bundled import BUNDLED_MODEL_DIR
+from server.api.chat_template import render_messages
 from server.api.schemas import ChatCompletionRequest
-from server.api.tools import SYSTEM_PREAMBLE
+from server.api.tools import SYSTEM_PREAMBLE, template_inputs, tool_plan
 from tests.support.live_server import SERVED_NAME, live_server
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
@@ -127,9 +128,6 @@ def test_stream_deltas_have_openai_shape(server) -> None:
 
 
 def _render(server, history: list[dict], tools: list[dict] | None, **fields) -> list[int]:
-    from server.api.chat_template import render_messages
-    from server.api.tools import tool_plan
-
     body = ChatCompletionRequest.model_validate({"messages": history, "tools": tools, **fields})
     return render_messages(server.state, body.messages, body, tool_plan(body))
 
@@ -168,6 +166,9 @@ def test_a_template_that_uses_tools_gets_them(server) -> None:
                 "{{ c.function.arguments.city }}>{% endfor %};{% endfor %}")
     history = [MESSAGES[0], {"role": "assistant", "content": None, "tool_calls": [
         {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]}]
-    rendered = _render(server, history, TOOLS, chat_template=template, add_generation_prompt=False)
-    assert server.state.llm.tokenizer.decode(rendered) == (
+    body = ChatCompletionRequest.model_validate({"messages": history, "tools": TOOLS})
+    messages, extra = template_inputs(body.messages, tool_plan(body), native=True)
+    tokenizer = server.state.llm.tokenizer
+    rendered = tokenizer.apply_chat_template(messages, False, chat_template=template, template_kwargs=extra)
+    assert tokenizer.decode(rendered) == (
         "[get_weather][get_time]user:What is the weather in Paris?;assistant:<get_weather Rome>;")
