@@ -130,7 +130,7 @@ CASES = {
     "chat-top-logprobs-21": (CHAT, {"messages": HI, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
     "chat-logprobs-int": (CHAT, {"messages": HI, "logprobs": 5}, 400, "logprobs"),
     # unknown roles (beyond 'wizard')
-    "role-tool": (CHAT, {"messages": [{"role": "tool", "content": "hi"}]}, 400, "messages.0.role"),
+    "role-function": (CHAT, {"messages": [{"role": "function", "content": "hi"}]}, 400, "messages.0.role"),
     "role-null": (CHAT, {"messages": [{"role": None, "content": "hi"}]}, 400, "messages.0.role"),
     "role-uppercase": (CHAT, {"messages": HI + [{"role": "USER", "content": "hi"}]}, 400, "messages.1.role"),
     "tokenize-unknown-role": ("/tokenize", {"messages": [{"role": "robot", "content": "x"}]}, 400,
