@@ -1,29 +1,60 @@
-# jetmoe-serve image: CUDA-enabled PyTorch, the server installed without dev tools, running as a non-root user.
-#   docker build -t jetmoe-serve .
+# jetmoe-serve image: the server installed without dev tools in /opt/venv, running as a non-root user.
+#   docker build -t jetmoe-serve .                                                # CUDA, PyTorch's -devel image
+#   docker build -t jetmoe-serve:cpu --build-arg BASE_IMAGE=python:3.11-slim .   # slim CPU image, CPU torch wheel
 #   docker run --gpus all -p 8000:8000 -v /path/to/jetmoe-8b:/model jetmoe-serve --model /model   # GPU, real model
-#   docker run -p 8000:8000 jetmoe-serve                                                          # CPU, bundled model
-# 2.9: torch._grouped_mm (sm_90 fast path) and Triton 3.5 for the fused kernels.
-FROM pytorch/pytorch:2.9.0-cuda12.8-cudnn9-runtime
+#   docker run -p 8000:8000 jetmoe-serve:cpu                                                     # CPU, bundled model
+# Offline: `scripts/docker_wheelhouse.sh` fills wheelhouse/ and the build installs from it with --no-index.
+# Behind a TLS-intercepting proxy: `--secret id=pip_ca,src=PROXY_CA.pem` (trusted by pip during the build only).
+# Needs BuildKit (the default builder since Docker 23; DOCKER_BUILDKIT=1 on Docker 20.10).
+
+# 2.9: torch._grouped_mm (sm_90 fast path) and Triton 3.5. The -devel variant carries gcc and the C headers
+# Triton needs to compile its kernel launchers at run time (the -runtime variant has no C compiler).
+ARG BASE_IMAGE=pytorch/pytorch:2.9.0-cuda12.8-cudnn9-devel
+FROM ${BASE_IMAGE}
+
+# Installed only when the base image has no torch (python:3.11-slim and the like): the CPU wheel.
+ARG TORCH_SPEC=torch==2.9.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HUB_OFFLINE=1 \
+    PATH=/opt/venv/bin:$PATH \
     JETMOE_HOST=0.0.0.0 \
     JETMOE_PORT=8000
 
-WORKDIR /opt/jetmoe
-COPY pyproject.toml README.md ./
-COPY model ./model
-COPY server ./server
-# The base image's torch satisfies the dependency, so pip keeps it and installs only the rest.
-RUN pip install --no-cache-dir . \
-    && useradd --create-home --uid 10001 --shell /usr/sbin/nologin jetmoe
+# The build context is mounted, not copied: neither the sources nor a wheelhouse nor the CA bundle end up in a
+# layer, only what pip installs. The venv sees the base image's packages, so a base image's torch is kept.
+# Versions come from pyproject.toml (or the wheelhouse) and TORCH_SPEC.
+# hadolint ignore=DL3013
+RUN --mount=type=bind,target=/src,rw \
+    --mount=type=secret,id=pip_ca \
+    set -eu; \
+    if [ -s /run/secrets/pip_ca ]; then \
+        cat /etc/ssl/certs/ca-certificates.crt /run/secrets/pip_ca > /tmp/pip-ca.pem 2> /dev/null \
+            || cp /run/secrets/pip_ca /tmp/pip-ca.pem; \
+        export PIP_CERT=/tmp/pip-ca.pem; \
+    fi; \
+    if ls /src/wheelhouse/*.whl > /dev/null 2>&1; then export PIP_NO_INDEX=1 PIP_FIND_LINKS=/src/wheelhouse; fi; \
+    python3 -m venv --system-site-packages /opt/venv; \
+    if ! python -c "import torch" 2> /dev/null; then \
+        pip install --no-cache-dir ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH_SPEC"; \
+    fi; \
+    pip install --no-cache-dir /src; \
+    rm -f /tmp/pip-ca.pem; \
+    python -c "import shutil, sys, torch; sys.exit(torch.version.cuda and not shutil.which('cc') \
+        and not shutil.which('gcc') and 'CUDA torch without a C compiler: Triton cannot build its launchers')"; \
+    useradd --create-home --uid 10001 --user-group --shell /usr/sbin/nologin jetmoe
 
 USER 10001:10001
+WORKDIR /home/jetmoe
 EXPOSE 8000
+# SIGTERM drains in-flight requests for up to --drain-timeout (30 s): stop with `docker stop -t 40`.
+STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \
-    CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4).status != 200)"]
+    CMD ["python", "-c", "import os, sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('JETMOE_PORT', '8000'), timeout=4).status != 200)"]
 ENTRYPOINT ["jetmoe-serve"]
-CMD ["--host", "0.0.0.0", "--port", "8000"]
+# Host and port come from JETMOE_HOST and JETMOE_PORT (the health check reads JETMOE_PORT too).
+CMD []
