@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -78,7 +79,7 @@ def image(docker: Docker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
                        env={**os.environ, "DOCKER": docker.cli})
     torch_spec, torch_index = _torch_for_image()
     subprocess.run(["bash", str(SCRIPTS / "docker_wheelhouse.sh")], check=True, timeout=600, cwd=ROOT,
-                   env={**os.environ, "PYTHON": os.sys.executable, "TORCH_SPEC": torch_spec,
+                   env={**os.environ, "PYTHON": sys.executable, "TORCH_SPEC": torch_spec,
                         "TORCH_INDEX_URL": torch_index})
     ca = tmp_path_factory.mktemp("ca") / "proxy-ca.pem"
     ca.write_text("# a stand-in proxy CA bundle: trusted during the build, never kept in the image\n")
