@@ -17,26 +17,22 @@ TARGET=(--python-version "${IMAGE_PYTHON:-3.11}" --platform manylinux_2_28_x86_6
         --only-binary=:all:)
 PIP=("$PYTHON" -m pip --disable-pip-version-check download --dest "$DEST" --find-links "$DEST" "${TARGET[@]}" "$@")
 mkdir -p "$DEST"
-CONSTRAINTS="$(mktemp)"
-trap 'rm -f "$CONSTRAINTS"' EXIT
 if [ "$TORCH_SPEC" != none ]; then
-    "${PIP[@]}" --no-deps ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH_SPEC"
-    # Pin the wheel just fetched so that resolving the project's `torch>=` requirement cannot pick another build.
-    "$PYTHON" - "$DEST" "$TORCH_SPEC" > "$CONSTRAINTS" <<'PY'
-import pathlib, sys
-try:
-    from packaging.requirements import Requirement
-    from packaging.utils import parse_wheel_filename
-except ImportError:  # pip's own copy
-    from pip._vendor.packaging.requirements import Requirement
-    from pip._vendor.packaging.utils import parse_wheel_filename
-spec = Requirement(sys.argv[2])
-versions = [parse_wheel_filename(p.name)[1] for p in pathlib.Path(sys.argv[1]).glob("torch-*.whl")]
-print(f"torch=={max(v for v in versions if spec.specifier.contains(v, prereleases=True))}")
-PY
+    "${PIP[@]}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH_SPEC"
 fi
-# The build backend (pyproject's [build-system]) and the project's dependencies, torch's own included.
-"${PIP[@]}" "setuptools>=68" wheel
-"${PIP[@]}" --constraint "$CONSTRAINTS" .
-rm -rf build ./*.egg-info
+# The build backend (pyproject's [build-system]) and the project's dependencies except torch, fetched on its own
+# above (from PyPI, `torch` would be a CUDA build).
+mapfile -t DEPS < <("$PYTHON" - <<'PY'
+import pathlib, re
+try:
+    import tomllib
+except ImportError:  # Python 3.10: pip's own copy
+    from pip._vendor import tomli as tomllib
+project = tomllib.loads(pathlib.Path("pyproject.toml").read_text())
+for requirement in project["build-system"]["requires"] + project["project"]["dependencies"]:
+    if not re.match(r"torch\b", requirement):
+        print(requirement)
+PY
+)
+"${PIP[@]}" "${DEPS[@]}"
 echo "wheelhouse: $(find "$DEST" -name '*.whl' | wc -l) wheels, $(du -sh "$DEST" | cut -f1)"
