@@ -25,11 +25,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     JETMOE_HOST=0.0.0.0 \
     JETMOE_PORT=8000
 
-# The build context is mounted, not copied: neither the sources nor a wheelhouse nor the CA bundle end up in a
-# layer, only what pip installs. The venv sees the base image's packages, so a base image's torch is kept.
-# Versions come from pyproject.toml (or the wheelhouse) and TORCH_SPEC.
+# Files of the build context are mounted, not copied: neither the sources nor the wheelhouse nor the CA bundle
+# end up in a layer, only what pip installs. The venv sees the base image's packages, so a base's torch is kept.
+# First the dependencies (versions from pyproject.toml, the wheelhouse and TORCH_SPEC), a layer that stays
+# cached until one of those changes; pip reaches no index when wheelhouse/ holds wheels.
 # hadolint ignore=DL3013
-RUN --mount=type=bind,target=/src,rw \
+RUN --mount=type=bind,source=pyproject.toml,target=/src/pyproject.toml \
+    --mount=type=bind,source=wheelhouse,target=/src/wheelhouse \
     --mount=type=secret,id=pip_ca \
     set -eu; \
     if [ -s /run/secrets/pip_ca ]; then \
@@ -42,11 +44,18 @@ RUN --mount=type=bind,target=/src,rw \
     if ! python -c "import torch" 2> /dev/null; then \
         pip install --no-cache-dir ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH_SPEC"; \
     fi; \
-    pip install --no-cache-dir /src; \
-    rm -f /tmp/pip-ca.pem; \
-    python -c "import shutil, sys, torch; sys.exit(torch.version.cuda and not shutil.which('cc') \
-        and not shutil.which('gcc') and 'CUDA torch without a C compiler: Triton cannot build its launchers')"; \
-    useradd --create-home --uid 10001 --user-group --shell /usr/sbin/nologin jetmoe
+    python -c "import importlib, sys; toml = importlib.import_module('tomllib' if sys.version_info >= (3, 11) \
+        else 'pip._vendor.tomli'); p = toml.load(open('/src/pyproject.toml', 'rb')); \
+        print('\n'.join(p['build-system']['requires'] + p['project']['dependencies']))" > /tmp/requirements.txt; \
+    pip install --no-cache-dir --requirement /tmp/requirements.txt; \
+    rm -f /tmp/pip-ca.pem /tmp/requirements.txt
+
+# Then the project itself, offline: its build backend was installed above.
+RUN --mount=type=bind,target=/src,rw \
+    pip install --no-cache-dir --no-deps --no-build-isolation --no-index /src \
+    && python -c "import shutil, sys, torch; sys.exit(torch.version.cuda and not shutil.which('cc') \
+        and not shutil.which('gcc') and 'CUDA torch without a C compiler: Triton cannot build its launchers')" \
+    && useradd --create-home --uid 10001 --user-group --shell /usr/sbin/nologin jetmoe
 
 USER 10001:10001
 WORKDIR /home/jetmoe

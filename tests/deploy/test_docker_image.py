@@ -142,7 +142,7 @@ def test_completion_is_the_bundled_models_greedy_output(container: Container) ->
 
     from model.bundled import BUNDLED_MODEL_DIR
     from model.tokenizer import Tokenizer
-    from tests.live_server import greedy_reference
+    from tests.support.live_server import greedy_reference
 
     hf = AutoModelForCausalLM.from_pretrained(BUNDLED_MODEL_DIR, dtype=torch.float32).eval()
     tokenizer = Tokenizer.from_dir(BUNDLED_MODEL_DIR)
@@ -200,11 +200,13 @@ def test_read_only_root_still_serves(docker: Docker, container: Container) -> No
 
 
 def test_build_secrets_and_wheels_stay_out_of_the_image(docker: Docker, container: Container) -> None:
-    # The build's mount points stay behind as empty directories.
-    leftovers = docker.run("exec", "-u", "0", container.name, "find", "/src", "/run/secrets", "/opt/venv", "/etc",
-                           "-name", "*.whl", "-o", "-name", "pip-ca.pem", "-o", "-path", "/src/*",
-                           "-o", "-path", "/run/secrets/*")
-    assert leftovers.stdout.split() == []
+    # The build's mount points stay behind, empty.
+    mounted = docker.run("exec", "-u", "0", container.name, "find", "/src", "/run/secrets", "-mindepth", "1",
+                         "!", "-type", "d", "-size", "+0")
+    assert mounted.stdout.split() == []
+    copied = docker.run("exec", "-u", "0", container.name, "find", "/opt/venv", "/etc", "/tmp", "/home/jetmoe",
+                        "-name", "*.whl", "-o", "-name", "pip-ca.pem", "-o", "-name", "requirements.txt")
+    assert copied.stdout.split() == []
     found = docker.run("exec", "-u", "0", container.name, "grep", "-rl", "stand-in proxy CA", "/etc", "/opt/venv",
                        "/home/jetmoe", check=False)
     assert found.returncode == 1 and found.stdout == "", found.stdout
