@@ -235,8 +235,10 @@ def test_stop_drains_in_flight_request_and_exits_zero(docker: Docker, container:
     assert stopped.returncode == 0 and elapsed < DRAIN_TIMEOUT_S, elapsed
     assert docker.inspect(container.name, "{{.State.ExitCode}} {{.State.OOMKilled}}") == "0 false"
     assert events[-1] == "[DONE]"
-    text = "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1] if json.loads(e)["choices"])
-    assert text, "the in-flight stream was cut instead of drained"
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert not [chunk for chunk in chunks if "error" in chunk], "the in-flight stream was cut, not drained"
+    finished = [chunk["choices"][0]["finish_reason"] for chunk in chunks if chunk["choices"]]
+    assert finished[-1] == "length" and all(reason is None for reason in finished[:-1])
 
 
 def test_compose_file_validates(tmp_path: Path) -> None:
