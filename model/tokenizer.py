@@ -15,6 +15,8 @@ from typing import Any
 
 from transformers import AutoTokenizer
 
+from model.chat_encoding import ProtectedEncoder, encode_chat
+
 # JetMoe chat format (Zephyr-style text markers): for every message `<|role|>\n{content}</s>\n`, then
 # `<|assistant|>\n` when a generation prompt is asked for. Any role name is rendered as `<|role|>`.
 JETMOE_CHAT_TEMPLATE = (
@@ -143,7 +145,29 @@ class Tokenizer:
         )
 
     def apply_chat_template(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, **options: Any
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+        special_tokens_in_content: bool = False, **options: Any,
     ) -> list[int]:
-        """Token ids of the rendered chat prompt (special tokens come from the template text only)."""
-        return self.encode(self.render_chat(messages, add_generation_prompt, **options), add_special_tokens=False)
+        """Token ids of the rendered chat prompt. Special tokens come from the template only: the same text in a
+        message's content is tokenized as text (``model.chat_encoding``), unless ``special_tokens_in_content``.
+        """
+        def render(msgs: Sequence[Mapping[str, Any]]) -> str:
+            return self.render_chat(msgs, add_generation_prompt, **options)
+
+        def plain(text: str) -> list[int]:
+            return self.encode(text, add_special_tokens=False)
+
+        if special_tokens_in_content:
+            return plain(render(messages))
+        contents = [_content_text(m.get("content")) for m in messages]
+        return encode_chat(render, messages, contents, self.special_tokens, lambda: self.protected_encoder, plain)
+
+    @functools.cached_property
+    def special_tokens(self) -> dict[str, int]:
+        """The text of every special token, with its id."""
+        tokens = [str(t) for t in self._hf.all_special_tokens]
+        return {t: self._hf.convert_tokens_to_ids(t) for t in tokens if t}
+
+    @functools.cached_property
+    def protected_encoder(self) -> ProtectedEncoder:
+        return ProtectedEncoder(self._hf.backend_tokenizer)

@@ -93,6 +93,9 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         metavar="TEMPLATE")
     add("--trust-request-chat-template", "accept a chat_template in requests (a template runs with no time "
         "limit: only for trusted clients)", "false", _bool, metavar="BOOL", nargs="?", const=True)
+    add("--special-tokens-in-messages", "let special-token text typed in a chat message (</s>, <s>) become those "
+        "tokens (by default only the chat template's own markers are special tokens)", "false", _bool,
+        metavar="BOOL", nargs="?", const=True)
     add("--generation-config", "request defaults: auto (the checkpoint's generation_config.json), none, or a "
         "directory with a generation_config.json", "auto", metavar="SOURCE")
     add("--drain-timeout", "on SIGTERM, seconds in-flight requests may take to finish", "30", _seconds, metavar="SECONDS")
@@ -133,7 +136,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
                           max_request_bytes=args.max_request_bytes, export_vllm_metrics=args.export_vllm_metrics,
                           chat_template=template, generation_config=source,
                           trust_request_chat_template=args.trust_request_chat_template,
-                          body_timeout=args.body_timeout, max_response_entries=args.max_response_entries)
+                          body_timeout=args.body_timeout, max_response_entries=args.max_response_entries,
+                          special_tokens_in_messages=args.special_tokens_in_messages)
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

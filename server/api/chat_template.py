@@ -73,7 +73,7 @@ def render_messages(state: AppState, messages: Sequence[ChatMessage], fields: Te
     plain, extra = template_inputs(messages, tools, "tools" in template_variables(template))
     try:
         return state.llm.tokenizer.apply_chat_template(
-            plain, fields.add_generation_prompt, chat_template=template,
+            plain, fields.add_generation_prompt, state.settings.special_tokens_in_messages, chat_template=template,
             continue_final_message=fields.continue_final_message,
             template_kwargs={**(fields.chat_template_kwargs or {}), **extra},
         )

@@ -17,6 +17,8 @@ class ServerSettings:
     ``max_request_bytes``: answer 413 to request bodies larger than this.
     ``max_response_entries``: answer 400 to a request whose answer would hold more token entries than this
     (tokens x samples x (1 + logprob alternatives)): a small request must not produce a huge response.
+    ``special_tokens_in_messages``: let special-token text in a chat message (``</s>``, ``<s>``) become those
+    tokens, as a plain tokenizer would (off: only the chat template's own markers are special tokens).
     ``body_timeout``: answer 408 (and close) when a request body has not arrived this many seconds after its head.
     ``export_vllm_metrics``: export every metric under vLLM's ``vllm:`` names too (for LLM-aware routers).
     ``chat_template``: a Jinja template that replaces the checkpoint's (None: the checkpoint's).
@@ -37,6 +39,7 @@ class ServerSettings:
     generation_config: str = "auto"
     trust_request_chat_template: bool = False
     body_timeout: float = 30.0
+    special_tokens_in_messages: bool = False
     max_response_entries: int = 2_000_000
 
     def __post_init__(self) -> None:
