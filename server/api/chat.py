@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,7 @@ from server.api.schemas import (
     ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatLogprobs,
     ChatResponseMessage,
 )
 from server.api.state import AppState
@@ -133,13 +134,14 @@ def _response(state: AppState, job: _Job, results: dict[tuple[int, int], SampleR
             content, calls = parser.message_fields()
             message = ChatResponseMessage.model_validate({"content": content, "tool_calls": calls})
             reason = _finish_reason(reason, bool(calls))
-        choices.append(ChatChoice(index=index, message=message, logprobs=logprobs, finish_reason=reason,
+        choices.append(ChatChoice(index=index, message=message, finish_reason=reason,
+                                  logprobs=None if logprobs is None else ChatLogprobs.model_validate(logprobs),
                                   stop_reason=sample.stop_reason))
     return ChatCompletionResponse(id=job.id, created=job.created, model=state.settings.served_model_name,
                                   choices=choices, usage=usage.usage())
 
 
-async def _stream(state: AppState, job: _Job) -> AsyncIterator[dict[str, Any]]:
+async def _stream(state: AppState, job: _Job) -> AsyncGenerator[dict[str, Any], None]:
     usage = UsageCounter(job.calls)
     running = job.body.continuous_usage
     for index in range(job.body.n):

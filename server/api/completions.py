@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +26,13 @@ from server.api.generation import (
 from server.api.logprobs import completion_logprobs, prompt_logprobs_field
 from server.api.params import sampling_params, truncate_prompt
 from server.api.response_format import compile_spec, requested_spec
-from server.api.schemas import CompletionChoice, CompletionRequest, CompletionResponse, PromptLogprob
+from server.api.schemas import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    PromptLogprob,
+)
 from server.api.state import AppState
 from server.api.streaming import sse_response
 from server.api.tokenization import encode_texts, json_response
@@ -94,7 +100,7 @@ async def parse_prompts(state: AppState, body: CompletionRequest) -> list[Prompt
         strings = [str(p) for p in texts]
         ids = await encode_texts(state, strings, check_length=body.truncate_prompt_tokens is None)
         return [Prompt(i, p) for i, p in zip(ids, strings)]
-    lists = [prompt] if isinstance(prompt[0], int) else prompt
+    lists: list[list[int]] = [prompt] if isinstance(prompt[0], int) else prompt  # type: ignore[list-item,assignment]
     if any(not ids for ids in lists):
         raise APIError(400, "a token id prompt must not be empty", param="prompt")
     vocab = state.llm.model.config.vocab_size
@@ -176,7 +182,8 @@ def _choice(state: AppState, job: _Job, index: int, prompt: Prompt, sample: Samp
         field = prompt_logprobs_field(state.texts, sample.prompt_logprobs, body.prompt_logprobs)
         prompt_logprobs = [None if p is None else {k: PromptLogprob(**v) for k, v in p.items()} for p in field]
     reason = "length" if job.echo_only else sample.finish_reason
-    return CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=reason,
+    return CompletionChoice(index=index, text=text, finish_reason=reason,
+                            logprobs=None if logprobs is None else CompletionLogprobs.model_validate(logprobs),
                             stop_reason=None if job.echo_only else sample.stop_reason,
                             prompt_logprobs=prompt_logprobs)
 
@@ -196,7 +203,7 @@ def _logprob_entries(
     return ids, entries
 
 
-async def _stream(state: AppState, job: _Job) -> AsyncIterator[dict[str, Any]]:
+async def _stream(state: AppState, job: _Job) -> AsyncGenerator[dict[str, Any], None]:
     usage = job.usage_counter()
     offsets: dict[int, int] = {}  # choice index -> text offset of its next token
     async for p, output in stream_outputs(state, job.calls):

@@ -27,9 +27,9 @@ def sampling_params(body: SamplingFields, defaults: Mapping[str, Any], **fields:
             raise APIError(400, f"logit_bias keys must be token ids in decimal, got {key[:20]!r}",
                            param="logit_bias")
     return SamplingParams(
-        stop=body.stop or (),
-        stop_token_ids=body.stop_token_ids or (),
-        logit_bias=body.logit_bias or (),
+        stop=(body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ()),
+        stop_token_ids=tuple(body.stop_token_ids or ()),
+        logit_bias=tuple((int(k), v) for k, v in (body.logit_bias or {}).items()),
         ignore_eos=body.ignore_eos,
         skip_special_tokens=body.skip_special_tokens,
         spaces_between_special_tokens=body.spaces_between_special_tokens,
