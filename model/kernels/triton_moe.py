@@ -2,12 +2,15 @@
 
 ``route(logits, top_k)`` does in two launches what the PyTorch router does in about a dozen:
 
-1. ``_topk_softmax_kernel`` (a program per block of tokens): the top-k experts of every token (the highest
-   logit first, ties to the lower expert index) and the softmax over those k logits only, in float32.
-2. ``_sort_kernel`` (one program): a stable counting sort of the ``T x k`` assignments by expert, in chunks of
-   ``SORT_CHUNK`` assignments: the per-expert counts and cumulative offsets, every assignment's position in
-   expert order, and the sorted slot order, token order and gates. Stable by flat index ``t * k + j``, so the
-   order is exactly ``torch.argsort(experts, stable=True)``'s.
+1. ``_topk_softmax_kernel`` (a program per chunk of ``TOKENS_PER_PROGRAM`` tokens): the top-k experts of every
+   token (the highest logit first, ties to the lower expert index), the softmax over those k logits only, in
+   float32, and how many of the chunk's assignments went to each expert (``chunk_counts`` ``[chunks, E]``).
+2. ``_sort_kernel`` (a program per chunk, in parallel): a stable counting sort of the ``T x k`` assignments by
+   expert. Each program sums ``chunk_counts`` into the per-expert totals (their cumulative offsets) and into
+   the assignments of earlier chunks, which gives where its own assignments of each expert start; a scan
+   inside the chunk places them. It writes every assignment's position in expert order, the sorted slot
+   order, token order and gates (the first program also the counts and offsets). Stable by flat index
+   ``t * k + j``, so the order is exactly ``torch.argsort(experts, stable=True)``'s.
 
 ``combine(y_sorted, positions, gates, bias)`` is the gate-weighted sum of each token's ``k`` expert outputs plus
 the shared bias, accumulated in float32 (a program per token and block of features), instead of a multiply, a
@@ -29,8 +32,8 @@ from triton.language.standard import _elementwise_max, _elementwise_min, _sum_co
 from model.kernels.triton_common import kernel_interpreted, require_kernel_device
 from model.layers.routing import ExpertCounts, Routing
 
-TOKENS_PER_PROGRAM = 32
-SORT_CHUNK = 256
+TOKENS_PER_PROGRAM = 32  # also the sort's chunk: TOKENS_PER_PROGRAM * top_k assignments
+COUNT_ROWS = 64  # chunk_counts rows the sort reads per loop iteration
 COMBINE_BLOCK = 256
 
 
@@ -39,6 +42,7 @@ def _topk_softmax_kernel(
     logits_ptr,
     experts_ptr,
     gates_ptr,
+    chunk_counts_ptr,
     tokens,
     num_experts,
     logits_st,
@@ -56,9 +60,12 @@ def _topk_softmax_kernel(
     logits = tl.where(t_mask[:, None], logits.to(tl.float32), 0.0)  # [BT, E]; padding rows stay finite
     chosen = tl.full([BLOCK_T, K_PAD], 0, tl.int32)
     values = tl.full([BLOCK_T, K_PAD], float("-inf"), tl.float32)
+    counts = tl.full([E_PAD], 0, tl.int32)  # this chunk's assignments per expert
     for k in tl.static_range(TOP_K):
         best = tl.reduce(logits, 1, _elementwise_max)  # [BT]
         index = tl.reduce(tl.where(logits == best[:, None], e[None, :], E_PAD), 1, _elementwise_min)  # [BT]
+        hits = (index[:, None] == e[None, :]) & t_mask[:, None]  # [BT, E]
+        counts += tl.reduce(hits.to(tl.int32), 0, _sum_combine)
         chosen = tl.where(kk[None, :] == k, index[:, None], chosen)
         values = tl.where(kk[None, :] == k, best[:, None], values)
         logits = tl.where(e[None, :] == index[:, None], float("-inf"), logits)
@@ -70,12 +77,14 @@ def _topk_softmax_kernel(
     store = t_mask[:, None] & k_mask
     tl.store(experts_ptr + flat, chosen, mask=store)
     tl.store(gates_ptr + flat, gates.to(gates_ptr.dtype.element_ty), mask=store)
+    tl.store(chunk_counts_ptr + tl.program_id(0) * E_PAD + e, counts)
 
 
 @triton.jit
 def _sort_kernel(
     experts_ptr,
     gates_ptr,
+    chunk_counts_ptr,
     counts_ptr,
     offsets_ptr,
     positions_ptr,
@@ -83,36 +92,42 @@ def _sort_kernel(
     token_order_ptr,
     sorted_gates_ptr,
     assignments,
+    num_chunks,
     num_experts,
     TOP_K: tl.constexpr,
     E_PAD: tl.constexpr,
     CHUNK: tl.constexpr,
+    CHUNK_PAD: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
+    chunk = tl.program_id(0)
     e = tl.arange(0, E_PAD)  # [E]
-    c = tl.arange(0, CHUNK)  # [C]
-    counts = tl.full([E_PAD], 0, tl.int32)
-    for start in range(0, assignments, CHUNK):
-        a = start + c
-        expert = tl.load(experts_ptr + a, mask=a < assignments, other=E_PAD)  # [C]; E_PAD: no expert
-        counts += tl.reduce((expert[:, None] == e[None, :]).to(tl.int32), 0, _sum_combine)
-    offsets = tl.associative_scan(counts, 0, _sum_combine)  # [E] cumulative: expert e ends at offsets[e]
-    e_mask = e < num_experts
-    tl.store(counts_ptr + e, counts.to(counts_ptr.dtype.element_ty), mask=e_mask)
-    tl.store(offsets_ptr + e, offsets, mask=e_mask)
-    next_free = offsets - counts  # [E] next position of each expert's group
-    for start in range(0, assignments, CHUNK):
-        a = start + c
-        a_mask = a < assignments
-        expert = tl.load(experts_ptr + a, mask=a_mask, other=E_PAD)  # [C]
-        hits = (expert[:, None] == e[None, :]).to(tl.int32)  # [C, E]
-        before = tl.associative_scan(hits, 0, _sum_combine) - hits  # [C, E] same-expert assignments before
-        position = tl.reduce(hits * (before + next_free[None, :]), 1, _sum_combine)  # [C]
-        next_free += tl.reduce(hits, 0, _sum_combine)
-        tl.store(positions_ptr + a, position, mask=a_mask)
-        tl.store(slot_order_ptr + position, a.to(tl.int64), mask=a_mask)
-        tl.store(token_order_ptr + position, (a // TOP_K).to(tl.int64), mask=a_mask)
-        gate = tl.load(gates_ptr + a, mask=a_mask, other=0.0)
-        tl.store(sorted_gates_ptr + position, gate, mask=a_mask)
+    r = tl.arange(0, ROWS)  # [R]
+    totals = tl.full([E_PAD], 0, tl.int32)
+    earlier = tl.full([E_PAD], 0, tl.int32)  # assignments of each expert in the chunks before this one
+    for start in range(0, num_chunks, ROWS):
+        row = start + r
+        rows = tl.load(chunk_counts_ptr + row[:, None] * E_PAD + e[None, :], mask=row[:, None] < num_chunks,
+                       other=0)  # [R, E]
+        totals += tl.reduce(rows, 0, _sum_combine)
+        earlier += tl.reduce(tl.where(row[:, None] < chunk, rows, 0), 0, _sum_combine)
+    offsets = tl.associative_scan(totals, 0, _sum_combine)  # [E] cumulative: expert e ends at offsets[e]
+    first = e + chunk * E_PAD < num_experts  # only the first program writes the totals
+    tl.store(counts_ptr + e, totals.to(counts_ptr.dtype.element_ty), mask=first)
+    tl.store(offsets_ptr + e, offsets, mask=first)
+    c = tl.arange(0, CHUNK_PAD)  # [C]
+    a = chunk * CHUNK + c
+    a_mask = (c < CHUNK) & (a < assignments)
+    expert = tl.load(experts_ptr + a, mask=a_mask, other=E_PAD)  # [C]; E_PAD: no expert
+    hits = (expert[:, None] == e[None, :]).to(tl.int32)  # [C, E]
+    before = tl.associative_scan(hits, 0, _sum_combine) - hits  # [C, E] same-expert assignments before
+    start_of = offsets - totals + earlier  # [E] where this chunk's assignments of each expert begin
+    position = tl.reduce(hits * (before + start_of[None, :]), 1, _sum_combine)  # [C]
+    tl.store(positions_ptr + a, position, mask=a_mask)
+    tl.store(slot_order_ptr + position, a.to(tl.int64), mask=a_mask)
+    tl.store(token_order_ptr + position, (a // TOP_K).to(tl.int64), mask=a_mask)
+    gate = tl.load(gates_ptr + a, mask=a_mask, other=0.0)
+    tl.store(sorted_gates_ptr + position, gate, mask=a_mask)
 
 
 @triton.jit
@@ -173,14 +188,17 @@ def route(logits: torch.Tensor, top_k: int, gate_dtype: torch.dtype) -> Routing:
         out["offsets"].zero_()
         return _routing(out)
     e_pad = triton.next_power_of_2(experts)
-    _topk_softmax_kernel[(triton.cdiv(tokens, TOKENS_PER_PROGRAM),)](
-        logits, out["experts"], out["token_gates"], tokens, experts, logits.stride(0),
+    chunks = triton.cdiv(tokens, TOKENS_PER_PROGRAM)
+    chunk_counts = torch.empty(chunks, e_pad, dtype=torch.int32, device=device)  # [chunks, E]
+    _topk_softmax_kernel[(chunks,)](
+        logits, out["experts"], out["token_gates"], chunk_counts, tokens, experts, logits.stride(0),
         TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), E_PAD=e_pad, BLOCK_T=TOKENS_PER_PROGRAM,
     )  # fmt: skip
-    _sort_kernel[(1,)](
-        out["experts"], out["token_gates"], out["counts"], out["offsets"], out["positions"],
-        out["slot_order"], out["token_order"], out["gates"], n, experts,
-        TOP_K=top_k, E_PAD=e_pad, CHUNK=SORT_CHUNK, num_warps=8,
+    chunk = TOKENS_PER_PROGRAM * top_k
+    _sort_kernel[(chunks,)](
+        out["experts"], out["token_gates"], chunk_counts, out["counts"], out["offsets"], out["positions"],
+        out["slot_order"], out["token_order"], out["gates"], n, chunks, experts,
+        TOP_K=top_k, E_PAD=e_pad, CHUNK=chunk, CHUNK_PAD=triton.next_power_of_2(chunk), ROWS=COUNT_ROWS,
     )  # fmt: skip
     return _routing(out)
 

@@ -313,29 +313,31 @@ def _prefill_attention(
     kv_cache: torch.Tensor,
     piece: PrefillSlice,
     scale: float,
+    gqa: bool | None = None,
 ) -> torch.Tensor:
-    """Several new tokens of one sequence, ``query`` ``[Q, K, Hkv, Dh]``; earlier tokens come from the cache."""
+    """Several new tokens of one sequence, ``query`` ``[Q, K, Hkv, Dh]``; earlier tokens come from the cache.
+
+    Always 4-D SDPA inputs (the fused flash / memory-efficient kernels take nothing else). A fresh prompt with
+    ``gqa`` (the default on CUDA) is one grouped-query causal call, which CUDA serves with flash attention and no
+    K/V copy. Otherwise (CPU, and chunks that continue a cached sequence) the ``top_k`` expert copies are folded
+    into the query axis under an explicit causal mask: every KV head attends ``top_k x Q`` queries, no K/V copy,
+    and CPU SDPA takes its fused path (with ``enable_gqa`` it takes only its slow one).
+    """
     q_len, top_k, heads, dim = query.shape
-    if piece.context_len == q_len:  # nothing cached before this chunk: use the fresh K/V directly
+    fresh = piece.context_len == q_len
+    if fresh:  # nothing cached before this chunk: use the fresh K/V directly
         keys, values = key, value  # [C, Hkv, Dh]
     else:
         keys = kv_cache[0].index_select(0, piece.block_ids).view(-1, heads, dim)[: piece.context_len]  # [C, Hkv, Dh]
         values = kv_cache[1].index_select(0, piece.block_ids).view(-1, heads, dim)[: piece.context_len]  # [C, Hkv, Dh]
-    if piece.context_len == q_len:
-        # Plain causal attention: grouped-query layout where query head j*K + k reads KV head j.
-        # K/V are expanded rather than passed with enable_gqa, which CPU SDPA serves only on its slow path.
-        q = query.permute(2, 1, 0, 3).reshape(heads * top_k, q_len, dim)  # [Hkv*K, Q, Dh]
-        k = keys.transpose(0, 1)[:, None].expand(heads, top_k, q_len, dim).reshape(heads * top_k, q_len, dim)
-        v = (
-            values.transpose(0, 1)[:, None]
-            .expand(heads, top_k, q_len, dim)
-            .reshape(heads * top_k, q_len, dim)
-        )
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)  # [Hkv*K, Q, Dh]
-        return out.view(heads, top_k, q_len, dim).permute(2, 1, 0, 3)  # [Q, K, Hkv, Dh]
-    q = query.permute(2, 1, 0, 3).reshape(heads, top_k * q_len, dim)  # [Hkv, K*Q, Dh]
-    mask = piece.causal.repeat(top_k, 1)  # [K*Q, C]
-    out = F.scaled_dot_product_attention(
-        q, keys.transpose(0, 1), values.transpose(0, 1), attn_mask=mask, scale=scale
-    )  # [Hkv, K*Q, Dh]
+    k = keys.transpose(0, 1)[None]  # [1, Hkv, C, Dh]
+    v = values.transpose(0, 1)[None]  # [1, Hkv, C, Dh]
+    if fresh and (query.is_cuda if gqa is None else gqa):
+        # Query head j*K + k reads KV head j = h // K: the grouped-query layout.
+        q = query.permute(2, 1, 0, 3).reshape(1, heads * top_k, q_len, dim)  # [1, Hkv*K, Q, Dh]
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        q = query.permute(2, 1, 0, 3).reshape(1, heads, top_k * q_len, dim)  # [1, Hkv, K*Q, Dh]
+        mask = piece.causal.repeat(top_k, 1)  # [K*Q, C]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # [1, Hkv, K*Q, Dh]
     return out.view(heads, top_k, q_len, dim).permute(2, 1, 0, 3)  # [Q, K, Hkv, Dh]

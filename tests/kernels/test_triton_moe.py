@@ -19,15 +19,15 @@ from tests.support.triton_env import (  # first: may switch on the interpreter
 # isort: split
 
 from model.kernels import triton_moe
-from model.kernels.triton_moe import SORT_CHUNK, TOKENS_PER_PROGRAM, combine, combine_routed, route
+from model.kernels.triton_moe import COUNT_ROWS, TOKENS_PER_PROGRAM, combine, combine_routed, route
 from model.layers.experts import combine_reference
 from model.layers.routing import TopKRouter
 from tests.support.triton_compile import assert_no_spills, compile_kernels
 
 skip_unless_kernels_run(triton_moe)
 
-# (tokens, experts, top_k): a decode token, a few, more than one program's tokens, more than a sort chunk.
-SHAPES = [(1, 8, 2), (7, 8, 2), (5, 4, 1), (9, 6, 3), (TOKENS_PER_PROGRAM + 3, 8, 2), (SORT_CHUNK + 41, 8, 2)]
+# (tokens, experts, top_k): a decode token, a few, more than one program's tokens, several sort chunks.
+SHAPES = [(1, 8, 2), (7, 8, 2), (5, 4, 1), (9, 6, 3), (TOKENS_PER_PROGRAM + 3, 8, 2), (5 * TOKENS_PER_PROGRAM + 9, 8, 2)]
 
 
 def torch_router(hidden: int, experts: int, top_k: int, seed: int) -> TopKRouter:
@@ -60,6 +60,31 @@ def test_fused_router_returns_the_same_routing() -> None:
     assert torch.equal(actual.slot_order, expected.slot_order)
     assert actual.expert_counts == tuple(expected.expert_counts)
     assert (actual.gates - expected.gates).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize(
+    "tokens, top_k, skew",
+    [
+        (COUNT_ROWS * TOKENS_PER_PROGRAM + 70, 2, False),  # more chunks than the sort reads per loop iteration
+        (7 * TOKENS_PER_PROGRAM + 5, 3, True),  # most assignments to one expert, chunks of 96 padded to 128
+        (3 * TOKENS_PER_PROGRAM, 1, True),  # whole chunks only
+    ],
+)
+def test_parallel_sort_keeps_the_stable_argsort_order(tokens: int, top_k: int, skew: bool) -> None:
+    gen = torch.Generator().manual_seed(tokens)
+    logits = torch.randn(tokens, 8, generator=gen)  # [T, E]
+    if skew:  # expert 5 wins almost every token: long runs of one expert across chunk boundaries
+        logits[:, 5] += 4.0
+    out = route(logits.to(DEVICE), top_k, torch.float32)
+    experts = logits.topk(top_k, dim=1).indices.flatten()  # [T*K] flat assignments t * k + j
+    order = torch.argsort(experts, stable=True)  # [T*K]
+    assert torch.equal(out.slot_order.cpu(), order)
+    assert torch.equal(out.token_order.cpu(), order // top_k)
+    assert torch.equal(out.positions.cpu().long()[order], torch.arange(tokens * top_k))
+    counts = torch.bincount(experts, minlength=8)  # [E]
+    assert out.expert_counts.counts.cpu().tolist() == counts.tolist()
+    assert out.expert_counts.offsets.cpu().tolist() == counts.cumsum(0).tolist()
+    assert torch.equal(out.gates.cpu(), out.token_gates.cpu().flatten()[order])
 
 
 def test_route_in_bf16_and_with_no_tokens() -> None:
@@ -97,14 +122,16 @@ from model.kernels import triton_moe as tm
 
 for arch in (80, 90):
     for ty in ("bf16", "fp32"):
-        types = {"logits_ptr": "*" + ty, "experts_ptr": "*i32", "gates_ptr": "*" + ty}
+        types = {"logits_ptr": "*" + ty, "experts_ptr": "*i32", "gates_ptr": "*" + ty, "chunk_counts_ptr": "*i32"}
         compile_kernel(f"topk_sm{arch}_{ty}", tm._topk_softmax_kernel, types,
                        {"TOP_K": 2, "K_PAD": 2, "E_PAD": 8, "BLOCK_T": tm.TOKENS_PER_PROGRAM}, arch)
-        types = {"experts_ptr": "*i32", "gates_ptr": "*" + ty, "counts_ptr": "*i64", "offsets_ptr": "*i32",
+        types = {"experts_ptr": "*i32", "gates_ptr": "*" + ty, "chunk_counts_ptr": "*i32", "counts_ptr": "*i64",
+                 "offsets_ptr": "*i32",
                  "positions_ptr": "*i32", "slot_order_ptr": "*i64", "token_order_ptr": "*i64",
                  "sorted_gates_ptr": "*" + ty}
         compile_kernel(f"sort_sm{arch}_{ty}", tm._sort_kernel, types,
-                       {"TOP_K": 2, "E_PAD": 8, "CHUNK": tm.SORT_CHUNK, "num_warps": 8}, arch)
+                       {"TOP_K": 2, "E_PAD": 8, "CHUNK": 2 * tm.TOKENS_PER_PROGRAM,
+                        "CHUNK_PAD": 2 * tm.TOKENS_PER_PROGRAM, "ROWS": tm.COUNT_ROWS}, arch)
         types = {"y_ptr": "*" + ty, "positions_ptr": "*i32", "gates_ptr": "*" + ty, "bias_ptr": "*" + ty,
                  "out_ptr": "*" + ty}
         compile_kernel(f"combine_sm{arch}_{ty}", tm._combine_kernel, types,
