@@ -13,7 +13,9 @@ Kernels (one launch each per layer and step):
   tiles of ``BLOCK_N`` positions (each position's physical block read from the block table, so any cache block
   size works), and keeps an online softmax in float32. With one split it writes the normalised ``[top_k, Dh]``
   output; with several (flash-decoding, for small batches that would leave most SMs idle) each split writes
-  its unnormalised accumulator and running max/sum, and ``_combine_kernel`` merges the splits.
+  its unnormalised accumulator and running max/sum, and ``_combine_kernel`` merges the splits. Each sequence
+  divides its own context among the splits (whole tiles, at least ``min_per_split`` keys each), not the
+  block-table width: a CUDA graph's table is as wide as ``max_model_len`` while most contexts are far shorter.
 
 On CUDA the score and value products use ``tl.dot`` (query rows padded to 16); elsewhere (the Triton CPU
 interpreter) a broadcast-multiply-sum does the same maths. Inputs may be fp32, bf16 or fp16; accumulation is
@@ -84,7 +86,7 @@ def _decode_kernel(
     block_size,
     top_k,
     head_dim,
-    tokens_per_split,
+    min_per_split,
     TOPK_PAD: tl.constexpr,
     DIM_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -115,8 +117,10 @@ def _decode_kernel(
     m_i = tl.full([TOPK_PAD], _NEG_BIG, tl.float32)  # running max of the scaled scores
     l_i = tl.full([TOPK_PAD], 0.0, tl.float32)  # running sum of exp(score - m_i)
     acc = tl.full([TOPK_PAD, DIM_PAD], 0.0, tl.float32)  # running sum of exp(score - m_i) * v
-    lo = split * tokens_per_split
-    hi = tl.minimum(lo + tokens_per_split, context)
+    per_split = (context + num_splits - 1) // num_splits
+    per_split = tl.maximum((per_split + BLOCK_N - 1) // BLOCK_N * BLOCK_N, min_per_split)  # whole tiles
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, context)  # splits past the context stay empty
     kv_head = cache_ptr + h * c_st_h + d[None, :] * c_st_d  # [1, D]
     for start in range(lo, hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)  # key positions of this tile
@@ -250,12 +254,14 @@ def decode_attention(
     use_dot: bool | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
+    min_tokens_per_split: int = 1,
 ) -> None:
     """Paged decode attention, written into ``out[token_index]``.
 
     ``query``/``out`` ``[T, top_k, Hkv, Dh]``; ``token_index`` ``[b]`` flat index of each decode token;
     ``block_tables`` ``[b, max_blocks]``; ``context_lens`` ``[b]`` keys per sequence (at least 1).
-    ``num_splits`` > 1 splits each context into that many chunks (flash-decoding) and merges them.
+    ``num_splits`` > 1 splits each context into that many chunks (flash-decoding) and merges them: every
+    sequence's own context is divided, in whole tiles of at least ``min_tokens_per_split`` keys.
     ``use_dot`` defaults to ``tl.dot`` on CUDA and a broadcast-multiply-sum under the interpreter;
     ``block_n`` (key positions per tile) and ``num_warps`` default as in ``decode_kernel_options``.
     """
@@ -293,7 +299,7 @@ def decode_attention(
         block_size,
         top_k,
         dim,
-        per_split,
+        triton.cdiv(min_tokens_per_split, tile) * tile,
         SPLIT=splits > 1,
         **options,
     )
@@ -410,6 +416,7 @@ class TritonPagedAttention:
                 use_dot=self.use_dot,
                 block_n=self.block_n,
                 num_warps=self.num_warps,
+                min_tokens_per_split=self.MIN_TOKENS_PER_SPLIT if self.num_splits is None else 1,
             )
         prefill_attention(out, query, key, value, kv_cache, meta, scale)
         return out

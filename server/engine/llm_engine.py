@@ -317,8 +317,11 @@ def _num_kv_blocks(config: EngineConfig, model: JetMoeForCausalLM, max_model_len
         return config.num_kv_blocks
     weight = model.output_weight()
     if weight.device.type == "cuda" and config.kv_cache_memory is None:
+        graphs = not config.enforce_eager and model.kernels.cuda_graph_safe  # as decode_graphs_apply decides
+        graph_batch = config.max_num_seqs if graphs else 0
         plan = plan_for_device(
-            model, config.max_num_batched_tokens, max_model_len, config.block_size, config.gpu_memory_utilization
+            model, config.max_num_batched_tokens, max_model_len, config.block_size, config.gpu_memory_utilization,
+            graph_batch=graph_batch,
         )
         logger.info("memory: %s", plan.describe())
         memory = plan.kv_cache

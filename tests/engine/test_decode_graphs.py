@@ -64,6 +64,18 @@ def test_static_batch_loads_rows_and_padding() -> None:
         static.load([1], [13], [[0, 1, 2, 3]], size=1)
 
 
+def test_static_batch_stages_each_step_in_page_locked_host_buffers() -> None:
+    static = StaticDecodeBatch(max_batch=4, max_blocks=3, block_size=BLOCK, padding_block=9, device=DEVICE)
+    assert static.pinned == CUDA
+    assert all(buf.device.type == "cpu" and buf.is_pinned() == CUDA for buf in static._host.values())
+    for step in range(3):  # back to back, as decode steps are: each waits for the last copies, never the graph
+        static.load([20 + step, 30 + step], [5 + step, 2], [[3, 7], [2]], size=4)
+    assert static.input_ids.tolist() == [22, 32, 0, 0]
+    assert static._host["input_ids"][:4].tolist() == [22, 32, 0, 0]  # what was copied from
+    assert static.block_tables[:2, :2].tolist() == [[3, 7], [2, 9]]
+    assert static._host["block_tables"][:2, :2].tolist() == [[3, 7], [2, 9]]
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory):
     directory = tmp_path_factory.mktemp("graph_ckpt")

@@ -12,10 +12,14 @@ from model.tokenizer import Tokenizer
 from server.engine.config import EngineConfig
 from server.engine.llm_engine import LLMEngine
 from server.engine.worker.memory import (
+    WORKSPACE_RESERVE,
+    ProfileStep,
+    decode_step,
     plan_for_device,
     plan_kv_cache_memory,
     profile_activation_peak,
     profile_batch,
+    profile_steps,
 )
 from server.engine.worker.runner import kv_block_bytes, kv_blocks_for_memory
 
@@ -30,6 +34,23 @@ def test_budget_is_utilization_minus_what_is_in_use_and_the_peak() -> None:
     assert plan.kv_cache == int(140 * GIB * 0.9) - 20 * GIB - 2 * GIB
     text = plan.describe()
     assert "90% of 140.0 GiB" in text and "weights 17.00 GiB" in text and "2.00 GiB activation peak" in text
+
+
+def test_graph_pool_and_workspaces_are_reserved_explicitly() -> None:
+    plan = plan_kv_cache_memory(total=140 * GIB, free=120 * GIB, weights=17 * GIB, activation_peak=2 * GIB,
+                                utilization=0.95, reserved=GIB + WORKSPACE_RESERVE)
+    assert plan.kv_cache == int(140 * GIB * 0.95) - 20 * GIB - 2 * GIB - GIB - WORKSPACE_RESERVE
+    assert "1.50 GiB reserved for graphs and workspaces" in plan.describe()
+    with pytest.raises(ValueError, match="1.50 GiB are reserved"):
+        plan_kv_cache_memory(total=24 * GIB, free=4 * GIB, weights=17 * GIB, activation_peak=GIB, utilization=0.9,
+                             reserved=GIB + WORKSPACE_RESERVE)
+
+
+def test_profiled_steps_are_fresh_prompts_and_a_chunk_over_the_longest_context() -> None:
+    assert profile_steps(2048, 4096) == [ProfileStep((2048,), (2048,)), ProfileStep((2048,), (4096,), False)]
+    assert profile_steps(2048, 512) == [ProfileStep((512,) * 4, (512,) * 4), ProfileStep((511,), (512,), False)]
+    assert profile_steps(16, 2) == [ProfileStep((2,) * 8, (2,) * 8)]  # no chunk can follow a 1-token cache
+    assert decode_step(3, 16) == ProfileStep((1, 1, 1), (16, 16, 16), False)
 
 
 def test_no_room_left_is_a_clear_error() -> None:
@@ -84,7 +105,8 @@ def test_cuda_cache_is_sized_from_total_memory_after_the_profile(engine_checkpoi
     probe = plan_for_device(model, 512, 256, 16, utilization=1.0)
     assert probe.in_use >= probe.weights > 0
     # A share that leaves this tiny model about 64 MiB of KV cache (a whole GPU would be millions of blocks).
-    share = (probe.in_use + probe.activation_peak + 64 * 2**20) / probe.total
+    assert probe.reserved == WORKSPACE_RESERVE  # no graphs asked for: only the workspaces
+    share = (probe.in_use + probe.activation_peak + probe.reserved + 64 * 2**20) / probe.total
     config = EngineConfig(model="unused", max_num_batched_tokens=512, max_model_len=256, enforce_eager=True,
                           gpu_memory_utilization=share)
     with caplog.at_level(logging.INFO, logger="server.engine.llm_engine"):

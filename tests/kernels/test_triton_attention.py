@@ -273,3 +273,54 @@ def test_whole_model_logits_match_reference_backend(model_pair) -> None:
         expected = run_model(reference, caches[0], next_ids, [1] * len(seqs), ctx, tables)
         actual = run_model(fast, caches[1], next_ids, [1] * len(seqs), ctx, tables)
         assert (actual - expected).abs().max().item() <= 1e-5, f"decode step {step}"
+
+
+class _RecordingLaunch:
+    """Stands in for ``_combine_kernel``: records the split partials it is handed, then launches the kernel."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel = kernel
+        self.partials: list[torch.Tensor] = []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.partials.append(args[2].clone())  # part_ml [b, Hkv, splits, 2, K]: running max, sum
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+def test_splits_divide_each_context_not_the_table_width(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A decode graph's block tables are as wide as max_model_len; the contexts are much shorter.
+    shape, contexts, width_blocks = (2, 2, 16, 4), [64, 20, 3], 64
+    batch = Batch(shape, query_lens=[1, 1, 1], context_lens=contexts, seed=5)
+    wide = torch.full((3, width_blocks), 0, dtype=torch.int32, device=DEVICE)
+    wide[:, : batch.batch.block_tables.shape[1]] = batch.batch.block_tables
+    recorder = _RecordingLaunch(triton_attention._combine_kernel)
+    monkeypatch.setattr(triton_attention, "_combine_kernel", recorder)
+    out = torch.empty_like(batch.query)
+    rows = torch.arange(3, device=DEVICE)
+    lens = torch.tensor(contexts, dtype=torch.int32, device=DEVICE)
+    triton_attention.decode_attention(
+        batch.query, batch.cache, out, rows, wide, lens, batch.scale, num_splits=4, use_dot=False, block_n=16
+    )
+    [partials] = recorder.partials
+    used = (partials[:, :, :, 1, :2] > 0).all(-1).all(1)  # [b, splits] splits that saw keys
+    # 64 keys: 4 splits of 16; 20 keys: 16 + 4; 3 keys: one split. Width-based splits would give 256 / 4 = 64
+    # keys per split, all of every context in split 0.
+    assert used.tolist() == [[True] * 4, [True, True, False, False], [True, False, False, False]]
+    assert_close(out, batch.attend(TorchPagedAttention()), torch.float32)
+
+
+def test_min_tokens_per_split_caps_the_splits_that_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    batch = Batch((2, 2, 16, 4), query_lens=[1], context_lens=[64], seed=6)
+    recorder = _RecordingLaunch(triton_attention._combine_kernel)
+    monkeypatch.setattr(triton_attention, "_combine_kernel", recorder)
+    out = torch.empty_like(batch.query)
+    triton_attention.decode_attention(
+        batch.query, batch.cache, out, torch.arange(1, device=DEVICE), batch.batch.block_tables,
+        batch.batch.seq_lens, batch.scale, num_splits=4, use_dot=False, block_n=16, min_tokens_per_split=32,
+    )  # fmt: skip
+    [partials] = recorder.partials
+    assert (partials[0, :, :, 1, :2] > 0).all(-1).all(0).tolist() == [True, True, False, False]
+    assert_close(out, batch.attend(TorchPagedAttention()), torch.float32)

@@ -65,6 +65,23 @@ class StaticDecodeBatch:
         )  # [Bmax, max_blocks]
         self.rows = torch.arange(max_batch, device=device)  # [Bmax] flat token index of each row
         self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, device=device)  # [Bmax + 1]
+        # Each step is staged in page-locked host buffers, so the copies to the device are truly asynchronous;
+        # ``_staged`` marks when the last step's copies finished reading them.
+        self.pinned = device.type == "cuda"
+        self._host = {
+            name: torch.empty(buf.shape, dtype=buf.dtype, pin_memory=self.pinned)
+            for name, buf in self._inputs().items()
+        }
+        self._staged = torch.cuda.Event() if self.pinned else None
+
+    def _inputs(self) -> dict[str, torch.Tensor]:
+        return {
+            "input_ids": self.input_ids,
+            "positions": self.positions,
+            "slot_mapping": self.slot_mapping,
+            "context_lens": self.context_lens,
+            "block_tables": self.block_tables,
+        }
 
     def metadata(self, backend: AttentionBackend, size: int) -> AttentionMetadata:
         """``backend``'s decode metadata over the first ``size`` rows of the buffers (what a graph of that size
@@ -109,15 +126,20 @@ class StaticDecodeBatch:
         # Entries past a row's context are never read by the kernels; they are padded for a rectangular copy.
         tables = [list(t[:width]) + [pad_block] * (width - len(t[:width])) for t in block_tables]
         tables += [[pad_block] * width] * pad
-        self._copy(self.input_ids[:size], [*token_ids, *[0] * pad])
-        self._copy(self.positions[:size], [*positions, *[0] * pad])
-        self._copy(self.slot_mapping[:size], [*slots, *[pad_block * bs] * pad])
-        self._copy(self.context_lens[:size], [*context_lens, *[1] * pad])
-        self._copy(self.block_tables[:size, :width], tables)
+        if self._staged is not None:
+            self._staged.synchronize()  # the previous step's copies may still be reading the host buffers
+        self._copy("input_ids", (size,), [*token_ids, *[0] * pad])
+        self._copy("positions", (size,), [*positions, *[0] * pad])
+        self._copy("slot_mapping", (size,), [*slots, *[pad_block * bs] * pad])
+        self._copy("context_lens", (size,), [*context_lens, *[1] * pad])
+        self._copy("block_tables", (size, width), tables)
+        if self._staged is not None:
+            self._staged.record()
 
-    @staticmethod
-    def _copy(dst: torch.Tensor, values: list) -> None:
-        dst.copy_(torch.tensor(values, dtype=dst.dtype), non_blocking=True)
+    def _copy(self, name: str, shape: tuple[int, ...], values: list) -> None:
+        host = self._host[name][tuple(slice(0, n) for n in shape)]
+        host.copy_(torch.tensor(values, dtype=host.dtype))
+        self._inputs()[name][tuple(slice(0, n) for n in shape)].copy_(host, non_blocking=True)
 
 
 class DecodeGraphs:
