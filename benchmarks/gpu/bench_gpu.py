@@ -21,18 +21,18 @@ batches: a dry run that proves the script works, its numbers mean nothing.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import random
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from benchmarks.gpu.recorder import Recorder, Results
 from model.config import JetMoeModelConfig
 from model.jetmoe import JetMoeForCausalLM
 from model.kernels import KernelChoice, select_kernels
@@ -97,17 +97,6 @@ TINY_PLAN = Plan(
     block_size=4,
     matmul_size=256,
 )
-
-
-@dataclass
-class Results:
-    device: str
-    shapes: dict
-    matmul_tflops: float = 0.0
-    copy_tb_per_s: float = 0.0
-    prefill: dict = field(default_factory=dict)
-    decode: list = field(default_factory=list)
-    notes: list = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------------- building
@@ -437,21 +426,6 @@ def bench_hf_decode(hf, plan: Plan, batch: int, timer: Timer) -> dict:
     return {"batch": batch, "step_ms": per_step * 1e3, "tokens_per_s": batch / per_step}
 
 
-def guarded(name: str, results: Results, fn: Callable[[], dict]) -> dict | None:
-    """Run one measurement; an out-of-memory or other failure is noted instead of ending the run."""
-    try:
-        return fn()
-    except torch.cuda.OutOfMemoryError:
-        results.notes.append(f"{name}: out of memory")
-    except Exception as exc:  # noqa: BLE001 - report and carry on with the other figures
-        results.notes.append(f"{name}: {type(exc).__name__}: {exc}")
-    finally:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    print(f"  {name}: {results.notes[-1]}", flush=True)
-    return None
-
-
 # ------------------------------------------------------------------------------------------------- report
 
 
@@ -477,12 +451,7 @@ def report(results: Results, plan: Plan) -> str:
         f"  {'who':<14} {'batch':>5} {'tok/s':>11} {'ms/step':>8} {'weights GB':>10} {'KV GB':>7} "
         f"{'TB/s':>6} {'roofline':>8}"
     )
-    for row in results.decode:
-        lines.append(
-            f"  {row['who']:<14} {row['batch']:>5} {row['tokens_per_s']:>11,.0f} {row['step_ms']:>8.2f} "
-            f"{row.get('weight_gb_per_step', float('nan')):>10.2f} {row.get('kv_gb_per_step', float('nan')):>7.2f} "
-            f"{row.get('achieved_tb_per_s', float('nan')):>6.2f} {row.get('roofline_fraction', float('nan')):>8.1%}"
-        )
+    lines += [decode_line(row) for row in results.decode]
     served = {r["batch"]: r for r in results.decode if r["who"] == "ours+graphs"}
     baseline = {r["batch"]: r for r in results.decode if r["who"] == "transformers"}
     ratios = [
@@ -523,6 +492,67 @@ def setup_device(tiny: bool) -> torch.device:
     return torch.device("cpu")
 
 
+def decode_line(row: dict) -> str:
+    return (
+        f"  {row['who']:<14} {row['batch']:>5} {row['tokens_per_s']:>11,.0f} {row['step_ms']:>8.2f} "
+        f"{row.get('weight_gb_per_step', float('nan')):>10.2f} {row.get('kv_gb_per_step', float('nan')):>7.2f} "
+        f"{row.get('achieved_tb_per_s', float('nan')):>6.2f} {row.get('roofline_fraction', float('nan')):>8.1%}"
+    )
+
+
+def record_decode(rec: Recorder, who: str, batch: int, fn: Callable[[], dict]) -> None:
+    row = rec.section(f"decode {who} b={batch}", fn)
+    if row:
+        rec.results.decode.append({"who": who, **row})
+        print(decode_line(rec.results.decode[-1]), flush=True)
+        rec.save()
+
+
+def record_prefill(rec: Recorder, who: str, flops: float, fn: Callable[[], dict]) -> None:
+    row = rec.section(f"prefill {who}", fn)
+    if row:
+        rate = rec.results.matmul_tflops * 1e12
+        rec.results.prefill[who] = {**row, "fraction": flops / row["seconds"] / rate if rate else float("nan")}
+        print(f"  {who}: {row['tokens_per_s']:,.0f} tok/s, {row['seconds'] * 1e3:.1f} ms", flush=True)
+        rec.save()
+
+
+def with_roofline(row: dict, ours: dict | None) -> dict:
+    """A transformers decode row with our byte counts at the same batch (the same bytes to move per step)."""
+    if ours is None:
+        return row
+    moved = (ours["weight_gb_per_step"] + ours["kv_gb_per_step"]) * 1e9
+    seconds = row["step_ms"] / 1e3
+    return {**row, "weight_gb_per_step": ours["weight_gb_per_step"], "kv_gb_per_step": ours["kv_gb_per_step"],
+            "achieved_tb_per_s": moved / seconds / 1e12, "roofline_fraction": moved / HBM_BYTES_PER_S / seconds}
+
+
+def run_ours(rec: Recorder, model, plan: Plan, timer: Timer, args: argparse.Namespace) -> None:
+    device = model.output_weight().device
+    reference = rec.section("build the torch-reference variant", lambda: share_weights(
+        model, select_kernels(device, KernelChoice(attention="torch"), torch.bfloat16, plan.config)))
+    flops = prefill_flops(plan.config, plan.prefill_seqs, plan.prefill_len)
+    rec.results.prefill["gflop"] = flops / 1e9
+    record_prefill(rec, "ours", flops, lambda: bench_prefill(model, plan, timer))
+    for batch in plan.decode_batches:
+        record_decode(rec, "ours+graphs", batch, lambda b=batch: bench_graph_decode(model, plan, b, timer))
+        record_decode(rec, "ours+triton", batch, lambda b=batch: bench_decode(model, plan, b, timer))
+        if not args.skip_torch_ref and reference is not None:
+            record_decode(rec, "ours+torch-ref", batch, lambda b=batch: bench_decode(reference, plan, b, timer))
+
+
+def run_transformers(rec: Recorder, model, plan: Plan, timer: Timer, hf_batches: Sequence[int]) -> None:
+    hf = rec.section("build transformers' JetMoe (shares our weights)", lambda: build_hf_model(model))
+    if hf is None:
+        return
+    flops = prefill_flops(plan.config, plan.prefill_seqs, plan.prefill_len)
+    record_prefill(rec, "transformers", flops, lambda: bench_hf_prefill(hf, plan, timer))
+    ours_by_batch = {r["batch"]: r for r in rec.results.decode if r["who"] == "ours+graphs"}
+    for batch in hf_batches:
+        record_decode(rec, "transformers", batch,
+                      lambda b=batch: with_roofline(bench_hf_decode(hf, plan, b, timer), ours_by_batch.get(b)))
+
+
 def main(argv: Sequence[str] | None = None) -> Results:
     args = parse_args(argv)
     plan = TINY_PLAN if args.tiny else REAL_PLAN
@@ -533,77 +563,25 @@ def main(argv: Sequence[str] | None = None) -> Results:
     torch.manual_seed(0)
     timer = Timer(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
-    results = Results(device=name, shapes=asdict(plan.config))
-    print(f"device {name}; building the model ...", flush=True)
+    rec = Recorder(Results(device=name, shapes=asdict(plan.config)), args.json)
+    print(f"device {name}", flush=True)
+    matmul = rec.section("bf16 matmul rate", lambda: measure_matmul_tflops(timer, device, plan.matmul_size))
+    rec.results.matmul_tflops = matmul or 0.0
+    copy = rec.section("device copy rate", lambda: measure_copy_tb_per_s(
+        timer, device, 1 << (32 if device.type == "cuda" else 24)))
+    rec.results.copy_tb_per_s = copy or 0.0
+    print(f"  {rec.results.matmul_tflops:.0f} TFLOP/s bf16 matmul, {rec.results.copy_tb_per_s:.2f} TB/s copy")
     # As served: "auto" kernels on CUDA; the Triton attention (interpreted) for the CPU dry run.
     choice = KernelChoice() if device.type == "cuda" else KernelChoice(attention="triton")
-    kernels = select_kernels(device, choice, torch.bfloat16, plan.config)
-    model = random_model(plan.config, device, torch.bfloat16, kernels)
-    reference_attention = share_weights(model, select_kernels(device, KernelChoice(attention="torch"),
-                                                               torch.bfloat16, plan.config))
-    results.matmul_tflops = measure_matmul_tflops(timer, device, plan.matmul_size)
-    results.copy_tb_per_s = measure_copy_tb_per_s(timer, device, 1 << (32 if device.type == "cuda" else 24))
-
-    flops = prefill_flops(plan.config, plan.prefill_seqs, plan.prefill_len)
-    results.prefill["gflop"] = flops / 1e9
-    print("prefill: ours ...", flush=True)
-    row = guarded("prefill ours", results, lambda: bench_prefill(model, plan, timer))
-    if row:
-        results.prefill["ours"] = {**row, "fraction": flops / row["seconds"] / (results.matmul_tflops * 1e12)}
-
-    for batch in plan.decode_batches:
-        print(f"decode batch {batch}: ours+graphs ...", flush=True)
-        row = guarded(
-            f"decode ours+graphs b={batch}", results, lambda b=batch: bench_graph_decode(model, plan, b, timer)
-        )
-        if row:
-            results.decode.append({"who": "ours+graphs", **row})
-        print(f"decode batch {batch}: ours+triton ...", flush=True)
-        row = guarded(
-            f"decode ours+triton b={batch}", results, lambda b=batch: bench_decode(model, plan, b, timer)
-        )
-        if row:
-            results.decode.append({"who": "ours+triton", **row})
-        if not args.skip_torch_ref:
-            print(f"decode batch {batch}: ours+torch-ref ...", flush=True)
-            row = guarded(
-                f"decode ours+torch b={batch}", results,
-                lambda b=batch: bench_decode(reference_attention, plan, b, timer),
-            )
-            if row:
-                results.decode.append({"who": "ours+torch-ref", **row})
-
-    if not args.skip_hf:
-        print("transformers: building (shares our weights) ...", flush=True)
-        hf = build_hf_model(model)
-        row = guarded("prefill transformers", results, lambda: bench_hf_prefill(hf, plan, timer))
-        if row:
-            results.prefill["transformers"] = {
-                **row,
-                "fraction": flops / row["seconds"] / (results.matmul_tflops * 1e12),
-            }
-        ours_by_batch = {r["batch"]: r for r in results.decode if r["who"] == "ours+graphs"}
-        for batch in hf_batches:
-            print(f"decode batch {batch}: transformers generate ...", flush=True)
-            row = guarded(
-                f"decode transformers b={batch}", results, lambda b=batch: bench_hf_decode(hf, plan, b, timer)
-            )
-            if row:
-                if batch in ours_by_batch:  # same bytes to move per step: reuse our count for the roofline
-                    ours = ours_by_batch[batch]
-                    moved = (ours["weight_gb_per_step"] + ours["kv_gb_per_step"]) * 1e9
-                    row["weight_gb_per_step"] = ours["weight_gb_per_step"]
-                    row["kv_gb_per_step"] = ours["kv_gb_per_step"]
-                    row["achieved_tb_per_s"] = moved / (row["step_ms"] / 1e3) / 1e12
-                    row["roofline_fraction"] = moved / HBM_BYTES_PER_S / (row["step_ms"] / 1e3)
-                results.decode.append({"who": "transformers", **row})
-        del hf
-
-    text = report(results, plan)
-    print("\n" + text, flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(asdict(results), indent=2))
-    return results
+    model = rec.section("build the model", lambda: random_model(
+        plan.config, device, torch.bfloat16, select_kernels(device, choice, torch.bfloat16, plan.config)))
+    if model is not None:
+        run_ours(rec, model, plan, timer, args)
+        if not args.skip_hf:
+            run_transformers(rec, model, plan, timer, hf_batches)
+    print("\n" + report(rec.results, plan), flush=True)
+    rec.save()
+    return rec.results
 
 
 def _ints(text: str) -> tuple[int, ...]:
