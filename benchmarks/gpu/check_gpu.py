@@ -175,12 +175,18 @@ def compare_logits(tiny: bool, device: torch.device) -> bool:
     print(f"  oracle: fp32, torch attention, expert loop, torch ops; largest |logit| {scale:.4f}", flush=True)
     runs: dict[str, list[torch.Tensor]] = {}
     stats: dict[str, ErrorStats] = {}
+    seen: dict[tuple[str, bool], str] = {}
     ok = True
     for name, attention, experts, fused, graphs in VARIANTS:
         if device.type != "cuda" and "triton" in (experts, fused):
             continue  # the CPU interpreter computes bf16 wrongly (tl.dot, casts); pytest covers it in fp32
         try:
             kernels = select_kernels(device, KernelChoice(attention, experts, fused), torch.bfloat16, config)
+            twin = seen.get((kernels.describe(), graphs))
+            if twin is not None:  # e.g. "auto" experts on CPU are the loop: the same run again
+                print(f"  {name:<32} same kernels as {twin!r}: not run again", flush=True)
+                continue
+            seen[(kernels.describe(), graphs)] = name
             runs[name] = run_scenario(share_weights(model, kernels), steps, block_size, graphs=graphs)
         except Exception as exc:  # noqa: BLE001 - one broken variant must not hide the others
             ok = False
