@@ -68,20 +68,17 @@ class StaticDecodeBatch:
         # Each step is staged in page-locked host buffers, so the copies to the device are truly asynchronous;
         # ``_staged`` marks when the last step's copies finished reading them.
         self.pinned = device.type == "cuda"
-        self._host = {
-            name: torch.empty(buf.shape, dtype=buf.dtype, pin_memory=self.pinned)
-            for name, buf in self._inputs().items()
-        }
-        self._staged = torch.cuda.Event() if self.pinned else None
-
-    def _inputs(self) -> dict[str, torch.Tensor]:
-        return {
+        self._device = {
             "input_ids": self.input_ids,
             "positions": self.positions,
             "slot_mapping": self.slot_mapping,
             "context_lens": self.context_lens,
             "block_tables": self.block_tables,
         }
+        self._host = {
+            name: torch.empty(buf.shape, dtype=buf.dtype, pin_memory=self.pinned) for name, buf in self._device.items()
+        }
+        self._staged = torch.cuda.Event() if self.pinned else None
 
     def metadata(self, backend: AttentionBackend, size: int) -> AttentionMetadata:
         """``backend``'s decode metadata over the first ``size`` rows of the buffers (what a graph of that size
@@ -137,9 +134,11 @@ class StaticDecodeBatch:
             self._staged.record()
 
     def _copy(self, name: str, shape: tuple[int, ...], values: list) -> None:
-        host = self._host[name][tuple(slice(0, n) for n in shape)]
+        """``values`` into the leading ``shape`` of host buffer ``name``, then asynchronously to the device."""
+        rows = tuple(slice(0, n) for n in shape)
+        host = self._host[name][rows]
         host.copy_(torch.tensor(values, dtype=host.dtype))
-        self._inputs()[name][tuple(slice(0, n) for n in shape)].copy_(host, non_blocking=True)
+        self._device[name][rows].copy_(host, non_blocking=True)
 
 
 class DecodeGraphs:
