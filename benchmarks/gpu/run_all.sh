@@ -39,15 +39,16 @@ print(sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__ver
       transformers.__version__, 'cuda', torch.cuda.is_available())"; } > "$OUT/machine.txt" 2>&1
 tail -1 "$OUT/machine.txt" | tee -a "$OUT/summary.txt"
 
-REQUIREMENTS=benchmarks/gpu/carried.txt
+REQUIREMENTS=(-r benchmarks/gpu/carried.txt -r benchmarks/gpu/carried-no-deps.txt)
 if ((${#TINY[@]})) && [[ -d $WHEELS ]]; then  # check the wheelhouse holds a cp312 wheel of each; install nothing
   stage install 30 "$PY" -m pip install --dry-run --no-deps --no-index --find-links "$WHEELS" --only-binary=:all: \
     --implementation cp --python-version 3.12 --abi cp312 --platform manylinux2014_x86_64 \
-    --target "$OUT/wheel-check" -r "$REQUIREMENTS"
+    --platform manylinux_2_28_x86_64 \
+    --target "$OUT/wheel-check" "${REQUIREMENTS[@]}"
 elif ((${#TINY[@]})); then  # no wheelhouse built here: the packages must be installed already
-  stage install 30 "$PY" -c "import fastapi, uvicorn, pydantic, sse_starlette, openai"
+  stage install 30 "$PY" -c "import fastapi, uvicorn, pydantic, sse_starlette, openai, xgrammar"
 else
-  stage install 30 "$PY" -m pip install --no-index --find-links "$WHEELS" -r "$REQUIREMENTS"
+  stage install 30 "$PY" -m pip install --no-index --find-links "$WHEELS" "${REQUIREMENTS[@]}"
 fi
 
 log "start kernel-tests in the background (limit 210 s, $OUT/kernel-tests.log)"

@@ -17,29 +17,47 @@ from benchmarks.gpu.check_gpu import ErrorStats, within_reference
 from benchmarks.gpu.recorder import Recorder, Results
 
 ROOT = Path(__file__).resolve().parents[2]
-# What the GPU machine lacks until the carried wheels are installed.
-SERVER_ONLY = ("fastapi", "uvicorn", "pydantic", "pydantic_core", "starlette", "sse_starlette", "openai")
+# What the GPU machine lacks until the carried wheels are installed: the HTTP layer's packages, and the
+# engine's structured-output packages.
+HTTP_ONLY = ("fastapi", "uvicorn", "starlette", "sse_starlette", "openai")
+ENGINE_EXTRAS = ("pydantic", "pydantic_core", "xgrammar")
 COMMAND = "bash benchmarks/gpu/run_all.sh"
 
 
-def test_gpu_scripts_import_without_the_server_packages() -> None:
+def import_hidden(modules: str, hidden: tuple[str, ...]) -> subprocess.CompletedProcess:
     code = (
         "import sys\n"
-        f"for name in {SERVER_ONLY!r}:\n"
+        f"for name in {hidden!r}:\n"
         "    sys.modules[name] = None  # import raises ImportError, as on the GPU machine\n"
-        "import benchmarks.gpu.check_gpu, benchmarks.gpu.bench_gpu, benchmarks.gpu.bundled_parity\n"
-        "import benchmarks.gpu.serve_gpu  # imports the HTTP app only when it serves\n"
-        "from benchmarks.gpu import bundled_parity\n"
-        "assert len(bundled_parity.PROMPTS) == 32\n"
-        "leaked = sorted(n for n, m in sys.modules.items() if m is not None and n.split('.')[0] in {'fastapi',\n"
-        "                'uvicorn', 'starlette', 'pydantic', 'openai'})\n"
+        f"import {modules}\n"
+        "leaked = sorted(n for n, m in sys.modules.items() if m is not None and n.split('.')[0] in\n"
+        f"                {set(hidden)!r})\n"
         "assert not leaked, leaked\n"
         "print('imported')\n"
     )
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+
+
+def test_check_and_benchmark_import_without_the_server_packages() -> None:
+    done = import_hidden("benchmarks.gpu.check_gpu, benchmarks.gpu.bench_gpu", HTTP_ONLY + ENGINE_EXTRAS)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "imported"
+
+
+def test_engine_scripts_import_without_the_http_packages() -> None:
+    # The engine needs pydantic and xgrammar (carried); the HTTP app is imported only when serve_gpu serves.
+    done = import_hidden("benchmarks.gpu.bundled_parity, benchmarks.gpu.serve_gpu", HTTP_ONLY)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "imported"
+
+
+def test_carried_wheels_name_every_missing_package() -> None:
+    carried = (ROOT / "benchmarks" / "gpu" / "carried.txt").read_text()
+    no_deps = (ROOT / "benchmarks" / "gpu" / "carried-no-deps.txt").read_text()
+    names = {line.split("==")[0] for line in (carried + no_deps).splitlines() if "==" in line}
+    assert names >= {"fastapi", "uvicorn", "pydantic", "pydantic-core", "starlette", "sse-starlette", "openai",
+                     "xgrammar", "apache-tvm-ffi"}
 
 
 def test_check_tests_every_triton_kernel_module_and_no_cpu_only_suite() -> None:
