@@ -6,31 +6,13 @@ import json
 import logging
 
 import httpx
-import openai
 import pytest
 
-from model.tokenizer import Tokenizer
 from server.api import ServerSettings
 from tests.support.live_server import SERVED_NAME, live_server
 
 MODEL = SERVED_NAME
 CONVERSATION = [{"role": "user", "content": "Write a loop"}, {"role": "assistant", "content": "for i in"}]
-
-
-@pytest.fixture(scope="module")
-def http(api_server):
-    with httpx.Client(base_url=api_server.url, timeout=60) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def client(api_server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=api_server.base_url, api_key="unused", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(engine_checkpoint) -> Tokenizer:
-    return Tokenizer.from_dir(engine_checkpoint[0])
 
 
 def tokenize(http: httpx.Client, **body) -> list[int]:

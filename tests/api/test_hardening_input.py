@@ -1,6 +1,6 @@
 """Bad input: each answered with an OpenAI-shaped 4xx, and the server still answers a normal request after it.
 
-The cases already in ``test_api_http.py`` (e.g. ``temperature: 5``, ``logprobs: 21``, ``messages: []``, unknown
+The cases already in ``tests/api/test_http.py.py`` (e.g. ``temperature: 5``, ``logprobs: 21``, ``messages: []``, unknown
 role ``wizard``, token id 10**6) are not repeated here.
 """
 
@@ -35,7 +35,7 @@ def _raw(text: str) -> bytes:
 
 # (path, body: a dict sent as JSON, or raw bytes, expected status, expected param or ... for any)
 CASES = {
-    # malformed JSON (beyond test_api_http's '{not json', '[1, 2]' and an empty body)
+    # malformed JSON (beyond tests/api/test_http.py's '{not json', '[1, 2]' and an empty body)
     "truncated-json": (COMPLETIONS, _raw('{"prompt": "hi"'), 400, ...),
     "trailing-garbage": (COMPLETIONS, _raw('{"prompt": "hi"} x'), 400, ...),
     "json-string-body": (COMPLETIONS, _raw('"hi"'), 400, ...),
@@ -86,7 +86,7 @@ CASES = {
     "seed-too-small": (COMPLETIONS, {"prompt": "hi", "seed": -(2**63) - 1}, 400, "seed"),
     "n-huge": (COMPLETIONS, {"prompt": "hi", "n": 10**30}, 400, "n"),
     "max-tokens-huge": (COMPLETIONS, {"prompt": "hi", "max_tokens": 10**30}, 400, "max_tokens"),
-    # empty prompts (an empty list and empty messages are in test_api_http)
+    # empty prompts (an empty list and empty messages are in tests/api/test_http.py)
     "prompt-empty-string": (COMPLETIONS, {"prompt": ""}, 400, "prompt"),
     "prompt-list-with-empty-string": (COMPLETIONS, {"prompt": ["hi", ""]}, 400, "prompt"),
     "prompt-list-of-empty-lists": (COMPLETIONS, {"prompt": [[]]}, 400, "prompt"),
@@ -115,7 +115,7 @@ CASES = {
     "long-token-prompt": (COMPLETIONS, {"prompt": [5] * 513, "max_tokens": 1}, 400, "max_tokens"),
     "long-batch-prompt": (COMPLETIONS, {"prompt": ["hi", "hello " * 600], "max_tokens": 1}, 400, "max_tokens"),
     "long-chat": (CHAT, {"messages": [{"role": "user", "content": "hello " * 600}]}, 400, "max_tokens"),
-    # max_tokens 0 or negative (0 for completions is in test_api_http)
+    # max_tokens 0 or negative (0 for completions is in tests/api/test_http.py)
     "max-tokens-negative": (COMPLETIONS, {"prompt": "hi", "max_tokens": -5}, 400, "max_tokens"),
     "chat-max-tokens-zero": (CHAT, {"messages": HI, "max_tokens": 0}, 400, "max_tokens"),
     "chat-max-completion-tokens-negative": (CHAT, {"messages": HI, "max_completion_tokens": -1}, 400,
@@ -125,7 +125,7 @@ CASES = {
     "n-zero": (COMPLETIONS, {"prompt": "hi", "n": 0}, 400, "n"),
     "chat-n-beyond-limit": (CHAT, {"messages": HI, "n": MAX_N + 1}, 400, "n"),
     "best-of-beyond-limit": (COMPLETIONS, {"prompt": "hi", "best_of": MAX_N + 1}, 400, "best_of"),
-    # logprobs beyond 20 (completions' 21 and chat's top_logprobs 30 are in test_api_http)
+    # logprobs beyond 20 (completions' 21 and chat's top_logprobs 30 are in tests/api/test_http.py)
     "logprobs-negative": (COMPLETIONS, {"prompt": "hi", "logprobs": -1}, 400, "logprobs"),
     "chat-top-logprobs-21": (CHAT, {"messages": HI, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
     "chat-logprobs-int": (CHAT, {"messages": HI, "logprobs": 5}, 400, "logprobs"),
@@ -141,12 +141,6 @@ CASES = {
     # a body over the size limit: declared, and streamed without a Content-Length (below)
     "body-over-limit": (COMPLETIONS, {"prompt": "x" * LIMIT}, 413, None),
 }
-
-
-@pytest.fixture(scope="module")
-def http(api_server):
-    with httpx.Client(base_url=api_server.url, timeout=60) as client:
-        yield client
 
 
 def assert_openai_error(response: httpx.Response, status: int, param=...) -> dict:

@@ -18,12 +18,6 @@ MODEL = SERVED_NAME
 
 
 @pytest.fixture(scope="module")
-def http(api_server):
-    with httpx.Client(base_url=api_server.url, timeout=60) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
 def sdk(api_server) -> openai.OpenAI:
     return openai.OpenAI(base_url=api_server.base_url, api_key="unused", max_retries=0, timeout=60)
 

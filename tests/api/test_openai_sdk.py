@@ -9,7 +9,6 @@ import openai
 import pytest
 import torch
 
-from model.tokenizer import Tokenizer
 from tests.support.live_server import SERVED_NAME, greedy_reference
 
 MODEL = SERVED_NAME
@@ -21,16 +20,6 @@ PROMPTS = [
     "import os\nimport sys\n",
     "I love reading books",
 ]
-
-
-@pytest.fixture(scope="module")
-def client(api_server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=api_server.base_url, api_key="unused", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(engine_checkpoint) -> Tokenizer:
-    return Tokenizer.from_dir(engine_checkpoint[0])
 
 
 @pytest.fixture(scope="module")

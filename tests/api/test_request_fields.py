@@ -15,29 +15,12 @@ import openai
 import pytest
 import torch
 
-from model.tokenizer import Tokenizer
 from server.engine.logit_masks import bad_words_token_ids
 from tests.support.engine import hf_greedy
 from tests.support.live_server import SERVED_NAME
 
 MODEL = SERVED_NAME
 PROMPT = "def fibonacci(n):"
-
-
-@pytest.fixture(scope="module")
-def http(api_server):
-    with httpx.Client(base_url=api_server.url, timeout=60) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def client(api_server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=api_server.base_url, api_key="unused", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(engine_checkpoint) -> Tokenizer:
-    return Tokenizer.from_dir(engine_checkpoint[0])
 
 
 def complete(http: httpx.Client, **body) -> dict:
