@@ -15,8 +15,7 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from model.bundled import BUNDLED_MODEL_DIR
-from tests.support.live_server import SERVED_NAME, live_server
+from tests.support.live_server import SERVED_NAME
 
 MAX_TOKENS = 400
 
@@ -62,23 +61,11 @@ class Code(BaseModel):  # string patterns
 MODELS = [Flat, Segment, Palette, Shape, Code]
 
 
-@pytest.fixture(scope="module", params=["bundled", "random"])
-def server(request, engine_checkpoint):
-    model_dir = BUNDLED_MODEL_DIR if request.param == "bundled" else engine_checkpoint[0]
-    with live_server(model_dir, max_model_len=1024) as live:
-        yield live
-
-
-@pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
-
-
 @pytest.mark.parametrize("model", MODELS, ids=[m.__name__ for m in MODELS])
 @pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 1.0, "seed": 11}],
                          ids=["greedy", "sampled"])
-def test_parse_returns_the_model(client, model, sampling) -> None:
-    completion = client.chat.completions.parse(
+def test_parse_returns_the_model(model_client, model, sampling) -> None:
+    completion = model_client.chat.completions.parse(
         model=SERVED_NAME, messages=[{"role": "user", "content": "Describe it as JSON."}],
         response_format=model, max_tokens=MAX_TOKENS, **sampling)
     choice = completion.choices[0]
@@ -88,35 +75,35 @@ def test_parse_returns_the_model(client, model, sampling) -> None:
     assert " \n" not in choice.message.content and "\n" not in choice.message.content
 
 
-def test_parse_with_n_samples_each_valid(client) -> None:
-    completion = client.chat.completions.parse(
+def test_parse_with_n_samples_each_valid(model_client) -> None:
+    completion = model_client.chat.completions.parse(
         model=SERVED_NAME, messages=[{"role": "user", "content": "JSON please"}], response_format=Flat,
         max_tokens=MAX_TOKENS, n=3, temperature=1.0, seed=5)
     assert [c.index for c in completion.choices] == [0, 1, 2]
     assert all(isinstance(c.message.parsed, Flat) for c in completion.choices)
 
 
-def test_json_object_is_an_object(client) -> None:
-    completion = client.chat.completions.create(
+def test_json_object_is_an_object(model_client) -> None:
+    completion = model_client.chat.completions.create(
         model=SERVED_NAME, messages=[{"role": "user", "content": "an object"}],
         response_format={"type": "json_object"}, max_tokens=MAX_TOKENS, temperature=0,
         # NOTE: any object may nest without end on a weak model: biasing "}" up closes it early.
-        logit_bias=_bias(client, "}", 8.0))
+        logit_bias=_bias(model_client, "}", 8.0))
     assert completion.choices[0].finish_reason == "stop"
     assert isinstance(json.loads(completion.choices[0].message.content), dict)
 
 
-def _bias(client: openai.OpenAI, text: str, value: float) -> dict[str, float]:
-    base = str(client.base_url).removesuffix("/v1/").removesuffix("/v1")
+def _bias(model_client: openai.OpenAI, text: str, value: float) -> dict[str, float]:
+    base = str(model_client.base_url).removesuffix("/v1/").removesuffix("/v1")
     ids = httpx.post(f"{base}/tokenize", json={"prompt": text, "add_special_tokens": False}).json()["tokens"]
     return {str(ids[-1]): value}
 
 
-def test_stream_helper_reassembles_structured_content(client) -> None:
+def test_stream_helper_reassembles_structured_content(model_client) -> None:
     kwargs = {"model": SERVED_NAME, "messages": [{"role": "user", "content": "JSON"}], "max_tokens": MAX_TOKENS,
               "temperature": 0}
-    whole = client.chat.completions.parse(response_format=Segment, **kwargs)
-    with client.chat.completions.stream(response_format=Segment, **kwargs) as stream:
+    whole = model_client.chat.completions.parse(response_format=Segment, **kwargs)
+    with model_client.chat.completions.stream(response_format=Segment, **kwargs) as stream:
         for _ in stream:
             pass
         final = stream.get_final_completion()
@@ -124,33 +111,33 @@ def test_stream_helper_reassembles_structured_content(client) -> None:
     assert final.choices[0].message.parsed == whole.choices[0].message.parsed
 
 
-def test_completions_regex_and_choice_match_fully(client) -> None:
+def test_completions_regex_and_choice_match_fully(model_client) -> None:
     pattern = r"[a-z]{2,6}@[a-z]{2,6}\.(com|org)"
     for body in ({"structured_outputs": {"regex": pattern}}, {"guided_regex": pattern}):
-        completion = client.completions.create(model=SERVED_NAME, prompt="email:", max_tokens=64, temperature=0,
+        completion = model_client.completions.create(model=SERVED_NAME, prompt="email:", max_tokens=64, temperature=0,
                                                extra_body=body)
         assert completion.choices[0].finish_reason == "stop"
         assert re.fullmatch(pattern, completion.choices[0].text)
     options = ["yes", "no", "maybe so"]
     for body in ({"structured_outputs": {"choice": options}}, {"guided_choice": options}):
-        completion = client.completions.create(model=SERVED_NAME, prompt="answer:", max_tokens=16, n=4,
+        completion = model_client.completions.create(model=SERVED_NAME, prompt="answer:", max_tokens=16, n=4,
                                                temperature=1.0, seed=3, extra_body=body)
         assert all(c.text in options and c.finish_reason == "stop" for c in completion.choices)
 
 
-def test_completions_json_schema_and_grammar(client) -> None:
+def test_completions_json_schema_and_grammar(model_client) -> None:
     schema = Point.model_json_schema()
-    completion = client.completions.create(model=SERVED_NAME, prompt="{", max_tokens=64, temperature=0,
+    completion = model_client.completions.create(model=SERVED_NAME, prompt="{", max_tokens=64, temperature=0,
                                            extra_body={"guided_json": schema})
     assert Point.model_validate_json(completion.choices[0].text)
     grammar = 'root ::= "f(" [0-9] ("," [0-9])? ")"'
-    completion = client.completions.create(model=SERVED_NAME, prompt="call:", max_tokens=16, temperature=0,
+    completion = model_client.completions.create(model=SERVED_NAME, prompt="call:", max_tokens=16, temperature=0,
                                            extra_body={"structured_outputs": {"grammar": grammar}})
     assert re.fullmatch(r"f\([0-9](,[0-9])?\)", completion.choices[0].text)
 
 
-def _post(server, path: str, body: dict) -> httpx.Response:
-    return httpx.post(f"{server.base_url}{path}", json={"model": SERVED_NAME, "max_tokens": 4, **body}, timeout=60)
+def _post(model_server, path: str, body: dict) -> httpx.Response:
+    return httpx.post(f"{model_server.base_url}{path}", json={"model": SERVED_NAME, "max_tokens": 4, **body}, timeout=60)
 
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
@@ -182,28 +169,28 @@ BAD = [
 
 
 @pytest.mark.parametrize(("body", "param"), BAD, ids=[p for _, p in BAD])
-def test_bad_input_is_a_400_naming_the_field(server, body, param) -> None:
-    response = _post(server, "/chat/completions", {**CHAT, **body})
+def test_bad_input_is_a_400_naming_the_field(model_server, body, param) -> None:
+    response = _post(model_server, "/chat/completions", {**CHAT, **body})
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == param and error["type"] == "invalid_request_error"
     assert set(error) == {"message", "type", "param", "code"}
-    assert _post(server, "/chat/completions", CHAT).status_code == 200  # the server is unharmed
+    assert _post(model_server, "/chat/completions", CHAT).status_code == 200  # the server is unharmed
 
 
-def test_completions_bad_constraint_is_a_400(server) -> None:
-    response = _post(server, "/completions", {"prompt": "x", "structured_outputs": {"regex": "[z-a]"}})
+def test_completions_bad_constraint_is_a_400(model_server) -> None:
+    response = _post(model_server, "/completions", {"prompt": "x", "structured_outputs": {"regex": "[z-a]"}})
     assert response.status_code == 400 and response.json()["error"]["param"] == "structured_outputs.regex"
 
 
-def test_informational_and_unknown_fields_are_accepted(server, caplog) -> None:
+def test_informational_and_unknown_fields_are_accepted(model_server, caplog) -> None:
     informational = {"user": "u", "metadata": {"k": "v"}, "store": False, "service_tier": "auto",
                      "safety_identifier": "s", "prompt_cache_key": "p", "modalities": ["text"],
                      "response_format": {"type": "text"}, "tool_choice": "none"}
-    assert _post(server, "/chat/completions", {**CHAT, **informational}).status_code == 200
+    assert _post(model_server, "/chat/completions", {**CHAT, **informational}).status_code == 200
     with caplog.at_level(logging.WARNING, logger="server.api.fields"):
         for _ in range(3):
-            assert _post(server, "/chat/completions", {**CHAT, "made_up_field": 1}).status_code == 200
+            assert _post(model_server, "/chat/completions", {**CHAT, "made_up_field": 1}).status_code == 200
     warnings = [r.getMessage() for r in caplog.records if "made_up_field" in r.getMessage()]
     assert len(warnings) <= 1  # once per name per process (another test may have logged it first)
 

@@ -10,11 +10,10 @@ import jsonschema_rs
 import openai
 import pytest
 
-from model.bundled import BUNDLED_MODEL_DIR
 from server.api.chat_template import render_messages
 from server.api.schemas import ChatCompletionRequest
 from server.api.tools import SYSTEM_PREAMBLE, template_inputs, tool_plan
-from tests.support.live_server import SERVED_NAME, live_server
+from tests.support.live_server import SERVED_NAME
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
                                             "unit": {"enum": ["c", "f"]}},
@@ -30,21 +29,9 @@ SCHEMAS = {"get_weather": WEATHER, "get_time": CLOCK}
 MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
-@pytest.fixture(scope="module", params=["bundled", "random"])
-def server(request, engine_checkpoint):
-    model_dir = BUNDLED_MODEL_DIR if request.param == "bundled" else engine_checkpoint[0]
-    with live_server(model_dir, max_model_len=1024) as live:
-        yield live
-
-
-@pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
-
-
-def _create(client: openai.OpenAI, **kwargs):
+def _create(model_client: openai.OpenAI, **kwargs):
     defaults = {"messages": MESSAGES, "tools": TOOLS, "max_tokens": 300, "temperature": 0}
-    return client.chat.completions.create(model=SERVED_NAME, **{**defaults, **kwargs})
+    return model_client.chat.completions.create(model=SERVED_NAME, **{**defaults, **kwargs})
 
 
 def _check_calls(message, names: set[str]) -> None:
@@ -55,15 +42,15 @@ def _check_calls(message, names: set[str]) -> None:
 
 
 @pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 1.0, "seed": 4}])
-def test_required_forces_one_valid_call(client, sampling) -> None:
-    choice = _create(client, tool_choice="required", parallel_tool_calls=False, **sampling).choices[0]
+def test_required_forces_one_valid_call(model_client, sampling) -> None:
+    choice = _create(model_client, tool_choice="required", parallel_tool_calls=False, **sampling).choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     assert len(choice.message.tool_calls) == 1
     _check_calls(choice.message, set(SCHEMAS))
 
 
-def test_required_parallel_calls_are_each_valid(client) -> None:
-    choice = _create(client, tool_choice="required", temperature=1.0, seed=9).choices[0]
+def test_required_parallel_calls_are_each_valid(model_client) -> None:
+    choice = _create(model_client, tool_choice="required", temperature=1.0, seed=9).choices[0]
     calls = choice.message.tool_calls
     assert choice.finish_reason in ("tool_calls", "length") and calls
     assert len({c.id for c in calls}) == len(calls)
@@ -74,32 +61,32 @@ def test_required_parallel_calls_are_each_valid(client) -> None:
     _check_calls(choice.message, set(SCHEMAS))
 
 
-def test_named_choice_calls_that_tool_once(client) -> None:
+def test_named_choice_calls_that_tool_once(model_client) -> None:
     for name in SCHEMAS:
-        choice = _create(client, tool_choice={"type": "function", "function": {"name": name}}).choices[0]
+        choice = _create(model_client, tool_choice={"type": "function", "function": {"name": name}}).choices[0]
         assert choice.finish_reason == "tool_calls" and [c.function.name for c in choice.message.tool_calls] == [name]
         _check_calls(choice.message, {name})
 
 
-def test_none_never_calls(client) -> None:
-    choice = _create(client, tool_choice="none", max_tokens=24).choices[0]
+def test_none_never_calls(model_client) -> None:
+    choice = _create(model_client, tool_choice="none", max_tokens=24).choices[0]
     assert choice.message.tool_calls is None and choice.finish_reason == "length"
     assert isinstance(choice.message.content, str) and choice.message.content
 
 
-def test_auto_lets_the_model_answer_in_text(client) -> None:
+def test_auto_lets_the_model_answer_in_text(model_client) -> None:
     # A weak model does not start calls by itself; the grammar of a started call is pinned in test_tool_grammar.
-    choice = _create(client, tool_choice="auto", max_tokens=24).choices[0]
-    default = _create(client, max_tokens=24).choices[0]
+    choice = _create(model_client, tool_choice="auto", max_tokens=24).choices[0]
+    default = _create(model_client, max_tokens=24).choices[0]
     assert choice.message.tool_calls is None and choice.message.content and choice.finish_reason == "length"
     assert default.message.content == choice.message.content
 
 
 @pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_time"}}])
-def test_stream_helper_reassembles_calls(client, tool_choice) -> None:
+def test_stream_helper_reassembles_calls(model_client, tool_choice) -> None:
     kwargs = {"tool_choice": tool_choice, "parallel_tool_calls": False, "temperature": 1.0, "seed": 21}
-    whole = _create(client, **kwargs).choices[0]
-    with client.chat.completions.stream(model=SERVED_NAME, messages=MESSAGES, tools=TOOLS, max_tokens=300,
+    whole = _create(model_client, **kwargs).choices[0]
+    with model_client.chat.completions.stream(model=SERVED_NAME, messages=MESSAGES, tools=TOOLS, max_tokens=300,
                                         **kwargs) as stream:
         events = [event.type for event in stream]
         final = stream.get_final_completion().choices[0]
@@ -110,10 +97,10 @@ def test_stream_helper_reassembles_calls(client, tool_choice) -> None:
     assert strip == [(c.type, c.function.name, c.function.arguments) for c in whole.message.tool_calls]
 
 
-def test_stream_deltas_have_openai_shape(server) -> None:
+def test_stream_deltas_have_openai_shape(model_server) -> None:
     body = {"model": SERVED_NAME, "messages": MESSAGES, "tools": TOOLS, "stream": True, "max_tokens": 300,
             "tool_choice": {"type": "function", "function": {"name": "get_time"}}, "temperature": 0}
-    with httpx.stream("POST", f"{server.base_url}/chat/completions", json=body, timeout=120) as response:
+    with httpx.stream("POST", f"{model_server.base_url}/chat/completions", json=body, timeout=120) as response:
         chunks = [json.loads(line[6:]) for line in response.iter_lines()
                   if line.startswith("data: ") and line != "data: [DONE]"]
     deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
@@ -127,12 +114,12 @@ def test_stream_deltas_have_openai_shape(server) -> None:
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
-def _render(server, history: list[dict], tools: list[dict] | None, **fields) -> list[int]:
+def _render(model_server, history: list[dict], tools: list[dict] | None, **fields) -> list[int]:
     body = ChatCompletionRequest.model_validate({"messages": history, "tools": tools, **fields})
-    return render_messages(server.state, body.messages, body, tool_plan(body))
+    return render_messages(model_server.state, body.messages, body, tool_plan(body))
 
 
-def test_history_with_calls_and_results_is_rendered(server) -> None:
+def test_history_with_calls_and_results_is_rendered(model_server) -> None:
     history = [
         {"role": "developer", "content": "Be brief."},
         *MESSAGES,
@@ -149,18 +136,18 @@ def test_history_with_calls_and_results_is_rendered(server) -> None:
                                          '{"city": "Paris", "unit": "c"}}</tool_call>'},
         {"role": "tool", "content": "18 degrees"},
     ]
-    tokenizer = server.state.llm.tokenizer
-    rendered = _render(server, history, TOOLS)
+    tokenizer = model_server.state.llm.tokenizer
+    rendered = _render(model_server, history, TOOLS)
     assert rendered == tokenizer.apply_chat_template(expected)
     body = {"model": SERVED_NAME, "messages": history, "tools": TOOLS, "max_tokens": 4}
-    answer = httpx.post(f"{server.base_url}/chat/completions", json=body, timeout=60)
+    answer = httpx.post(f"{model_server.base_url}/chat/completions", json=body, timeout=60)
     assert answer.status_code == 200, answer.text
     assert answer.json()["usage"]["prompt_tokens"] == len(rendered)
     without_tools = [{"role": "system", "content": "Be brief."}, *expected[1:]]
-    assert _render(server, history, None) == tokenizer.apply_chat_template(without_tools)
+    assert _render(model_server, history, None) == tokenizer.apply_chat_template(without_tools)
 
 
-def test_a_template_that_uses_tools_gets_them(server) -> None:
+def test_a_template_that_uses_tools_gets_them(model_server) -> None:
     template = ("{% for t in tools %}[{{ t.function.name }}]{% endfor %}{% for m in messages %}{{ m.role }}:"
                 "{{ m.content }}{% for c in m.tool_calls or [] %}<{{ c.function.name }} "
                 "{{ c.function.arguments.city }}>{% endfor %};{% endfor %}")
@@ -168,7 +155,7 @@ def test_a_template_that_uses_tools_gets_them(server) -> None:
         {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]}]
     body = ChatCompletionRequest.model_validate({"messages": history, "tools": TOOLS})
     messages, extra = template_inputs(body.messages, tool_plan(body), native=True)
-    tokenizer = server.state.llm.tokenizer
+    tokenizer = model_server.state.llm.tokenizer
     rendered = tokenizer.apply_chat_template(messages, False, chat_template=template, template_kwargs=extra)
     assert tokenizer.decode(rendered) == (
         "[get_weather][get_time]user:What is the weather in Paris?;assistant:<get_weather Rome>;")
