@@ -32,9 +32,8 @@ class MixtureOfAttention(nn.Module):
         self.backend: AttentionBackend = kernels.attention
         self.kv_proj = nn.Linear(config.hidden_size, 2 * config.kv_size, bias=False)
         self.experts = MoAExperts(
-            config.hidden_size, config.kv_size, config.num_experts, config.top_k,
-            kernels.route, kernels.expert_matmul, kernels.combine,
-        )  # fmt: skip
+            config.hidden_size, config.kv_size, config.num_experts, config.top_k, kernels.experts
+        )
 
     def forward(
         self,
@@ -63,9 +62,8 @@ class DecoderLayer(nn.Module):
         self.self_attention = MixtureOfAttention(config, kernels)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, LAYER_NORM_EPS, kernels.rms_norm)
         self.mlp = MoEMLP(
-            config.hidden_size, config.intermediate_size, config.num_experts, config.top_k,
-            kernels.route, kernels.expert_matmul, kernels.combine,
-        )  # fmt: skip
+            config.hidden_size, config.intermediate_size, config.num_experts, config.top_k, kernels.experts
+        )
 
     def forward(
         self,

@@ -27,6 +27,7 @@ from model.config import JetMoeModelConfig
 from model.layers.attention import AttentionBackend, TorchPagedAttention
 from model.layers.experts import (
     CombineFn,
+    ExpertKernels,
     ExpertMatmulFn,
     combine_reference,
     grouped_linear_grouped_mm,
@@ -76,6 +77,11 @@ class Kernels:
     combine: CombineFn
     expert_matmul: ExpertMatmulFn
     choice: KernelChoice
+
+    @property
+    def experts(self) -> ExpertKernels:
+        """What the expert blocks (MoE MLP, attention experts) run."""
+        return ExpertKernels(self.route, self.expert_matmul, self.combine)
 
     @property
     def cuda_graph_safe(self) -> bool:

@@ -11,6 +11,7 @@ device offsets.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,18 @@ def combine_reference(y_sorted: torch.Tensor, routing: Routing, bias: torch.Tens
     return out + bias
 
 
+@dataclass(frozen=True)
+class ExpertKernels:
+    """How an expert block routes, multiplies its grouped rows and combines the experts' outputs."""
+
+    route: RouteFn
+    matmul: ExpertMatmulFn
+    combine: CombineFn
+
+
+REFERENCE_EXPERT_KERNELS = ExpertKernels(route_reference, grouped_linear_loop, combine_reference)
+
+
 class ExpertWeights(nn.Module):
     """Stacked per-expert weight ``[E, out, in]``; ``matmul`` runs the grouped product."""
 
@@ -73,16 +86,15 @@ class MoEMLP(nn.Module):
         intermediate_size: int,
         num_experts: int,
         top_k: int,
-        route: RouteFn = route_reference,
-        matmul: ExpertMatmulFn = grouped_linear_loop,
-        combine: CombineFn = combine_reference,
+        kernels: ExpertKernels | None = None,
     ) -> None:
         super().__init__()
-        self.router = TopKRouter(hidden_size, num_experts, top_k, route)
-        self.input_linear = ExpertWeights(num_experts, hidden_size, 2 * intermediate_size, matmul)
-        self.output_linear = ExpertWeights(num_experts, intermediate_size, hidden_size, matmul)
+        k = kernels or REFERENCE_EXPERT_KERNELS
+        self.router = TopKRouter(hidden_size, num_experts, top_k, k.route)
+        self.input_linear = ExpertWeights(num_experts, hidden_size, 2 * intermediate_size, k.matmul)
+        self.output_linear = ExpertWeights(num_experts, intermediate_size, hidden_size, k.matmul)
         self.bias = nn.Parameter(torch.empty(hidden_size))
-        self.combine = combine
+        self.combine = k.combine
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         routing = self.router(x)
@@ -101,17 +113,16 @@ class MoAExperts(nn.Module):
         kv_size: int,
         num_experts: int,
         top_k: int,
-        route: RouteFn = route_reference,
-        matmul: ExpertMatmulFn = grouped_linear_loop,
-        combine: CombineFn = combine_reference,
+        kernels: ExpertKernels | None = None,
     ) -> None:
         super().__init__()
+        k = kernels or REFERENCE_EXPERT_KERNELS
         self.top_k = top_k
-        self.router = TopKRouter(hidden_size, num_experts, top_k, route)
-        self.input_linear = ExpertWeights(num_experts, hidden_size, kv_size, matmul)
-        self.output_linear = ExpertWeights(num_experts, kv_size, hidden_size, matmul)
+        self.router = TopKRouter(hidden_size, num_experts, top_k, k.route)
+        self.input_linear = ExpertWeights(num_experts, hidden_size, kv_size, k.matmul)
+        self.output_linear = ExpertWeights(num_experts, kv_size, hidden_size, k.matmul)
         self.bias = nn.Parameter(torch.empty(hidden_size))
-        self.combine = combine
+        self.combine = k.combine
 
     def map(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         """Queries ``[T, K, Hkv*Dh]``: slot ``k`` of a token is projected by its k-th chosen expert."""
