@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.engine.async_engine import EngineDeadError, RequestFailedError, ServerShuttingDownError
-from server.engine.llm_engine import RequestRejected
+from server.engine.validation import RequestRejected
 from server.engine.sampling_params import SamplingParamsError
 from server.engine.structured import StructuredOutputError
 

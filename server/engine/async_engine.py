@@ -15,6 +15,7 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from server.engine.llm_engine import EngineStats, LLMEngine
+from server.engine.output_processor import OutputProcessor
 from server.engine.request import RequestOutput
 from server.engine.sampling_params import SamplingParams
 
@@ -59,6 +60,11 @@ class AsyncEngine:
 
     def start(self) -> None:
         self._thread.start()
+
+    @property
+    def output_processor(self) -> OutputProcessor:
+        """Where token ids become text (in-process here, on the engine thread)."""
+        return self.engine.outputs
 
     @property
     def is_alive(self) -> bool:

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.sampling_params import SamplingParams
 from server.engine.structured.matcher import GrammarState
 
@@ -47,7 +46,6 @@ class Request:
     index: int  # which of the ``n`` samples of its parent request
     prompt_ids: list[int]
     params: SamplingParams
-    detokenizer: IncrementalDetokenizer
     generator: torch.Generator | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     output_ids: list[int] = field(default_factory=list)
@@ -111,3 +109,30 @@ class RequestOutput:
     queue_time: float | None = None  # seconds from arrival to first scheduling, on a sample's first delta
     error: str | None = None
     stop_reason: str | int | None = None  # the stop string or stop token id that finished it
+
+
+@dataclass
+class CoreOutput:
+    """What one engine-core step produced for one sequence: token ids only (text is made by the output
+    processor, ``server.engine.output_processor``).
+
+    ``finish_reason`` is the core's own reason (``"stop"``: EOS, a stop token id or a completed grammar;
+    ``"length"``; ``"error"``). ``stopped_by_token``: the last token ended the sequence itself (EOS or a stop
+    token id), so its text is shown only with ``include_stop_str_in_output``.
+    """
+
+    request_id: str
+    index: int
+    new_token_ids: list[int]
+    finish_reason: str | None = None
+    stopped_by_token: bool = False
+    stop_reason: int | None = None  # the stop token id that finished it
+    num_cached_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # on a sample's first output only
+    queue_time: float | None = None  # on a sample's first output only
+    error: str | None = None
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.request_id, self.index)

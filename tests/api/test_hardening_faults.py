@@ -26,14 +26,14 @@ def references(engine_checkpoint):
     return {p: r for p, r in refs.items() if r.max_tokens > 1}
 
 
-def _inject_detokenizer_fault(llm, monkeypatch, after: int = 2) -> None:
+def _inject_detokenizer_fault(processor, monkeypatch, after: int = 2) -> None:
     """Requests with ``seed == FAULT_SEED`` get a detokenizer that raises on its ``after + 1``-th call."""
-    original = llm._new_request
+    original = processor._detokenizer
 
-    def new_request(request_id, index, prompt_ids, params):
-        request = original(request_id, index, prompt_ids, params)
+    def new_detokenizer(prompt_ids, params):
+        detokenizer = original(prompt_ids, params)
         if params.seed == FAULT_SEED:
-            add_tokens, calls = request.detokenizer.add_tokens, [0]
+            add_tokens, calls = detokenizer.add_tokens, [0]
 
             def failing(tokens):
                 calls[0] += 1
@@ -41,10 +41,10 @@ def _inject_detokenizer_fault(llm, monkeypatch, after: int = 2) -> None:
                     raise RuntimeError("injected detokenizer failure")
                 return add_tokens(tokens)
 
-            request.detokenizer.add_tokens = failing
-        return request
+            detokenizer.add_tokens = failing
+        return detokenizer
 
-    monkeypatch.setattr(llm, "_new_request", new_request)
+    monkeypatch.setattr(processor, "_detokenizer", new_detokenizer)
 
 
 async def _request(http: httpx.AsyncClient, path: str, body: dict) -> tuple[int, list[str] | dict]:
@@ -67,7 +67,7 @@ def _streamed_text(events: list[str]) -> str:
 
 def test_detokenizer_failure_fails_only_its_request(engine_checkpoint, references, monkeypatch) -> None:
     with live_server(engine_checkpoint[0], num_kv_blocks=128) as server:
-        _inject_detokenizer_fault(server.engine.engine, monkeypatch)
+        _inject_detokenizer_fault(server.engine.output_processor, monkeypatch)
         faulty = {"prompt": "Hello", "max_tokens": 30, "ignore_eos": True, "seed": FAULT_SEED}
         normal = [({"prompt": p, "max_tokens": r.max_tokens, "temperature": 0, "stream": i % 2 == 1}, r.text)
                   for i, (p, r) in enumerate(references.items())]

@@ -21,7 +21,8 @@ from model.layers.attention import TorchPagedAttention, allocate_kv_cache  # noq
 from model.loader import load_model  # noqa: E402
 from model.tokenizer import Tokenizer  # noqa: E402
 from server.engine.config import EngineConfig  # noqa: E402
-from server.engine.llm_engine import LLMEngine, decode_graphs_apply  # noqa: E402
+from server.engine.core import decode_graphs_apply  # noqa: E402
+from server.engine.llm_engine import LLMEngine  # noqa: E402
 from server.engine.sampling_params import SamplingParams  # noqa: E402
 from server.engine.worker.batch import build_flat_batch  # noqa: E402
 from server.engine.worker.decode_graphs import DecodeGraphs, StaticDecodeBatch, graph_batch_sizes  # noqa: E402

@@ -182,9 +182,9 @@ def test_detokenizer_failure_fails_only_that_request(parts, monkeypatch) -> None
     vocab = parts[2].config.vocab_size
     engine.add_request("ok", prompt_of(8, 2, vocab), SamplingParams(max_tokens=4, ignore_eos=True))
     engine.add_request("bad", prompt_of(8, 3, vocab), SamplingParams(max_tokens=4, ignore_eos=True))
-    bad = next(r for r in engine.scheduler.waiting if r.request_id == "bad")
     monkeypatch.setattr(
-        bad.detokenizer, "add_tokens", lambda ids: (_ for _ in ()).throw(ValueError("bad bytes"))
+        engine.outputs.detokenizer_of(("bad", 0)), "add_tokens",
+        lambda ids: (_ for _ in ()).throw(ValueError("bad bytes")),
     )
     outputs = run_engine(engine)
     assert outputs[("bad", 0)][-1].error == "ValueError: bad bytes"

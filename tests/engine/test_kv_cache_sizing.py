@@ -91,7 +91,7 @@ def test_startup_logs_the_kv_cache_in_tokens(parts, caplog: pytest.LogCaptureFix
     model, tokenizer = parts
     per_block = kv_block_bytes(model, 4, torch.float32)
     config = EngineConfig(model="unused", block_size=4, kv_cache_memory=33 * per_block, max_model_len=64)
-    with caplog.at_level(logging.INFO, logger="server.engine.llm_engine"):
+    with caplog.at_level(logging.INFO, logger="server.engine.core"):
         engine = LLMEngine(config, model, tokenizer)
     assert engine.num_kv_blocks == 32
     assert "KV cache: 32 blocks of 4 tokens = 128 tokens" in caplog.text and "2.0x max_model_len 64" in caplog.text
@@ -109,7 +109,7 @@ def test_cuda_cache_is_sized_from_total_memory_after_the_profile(engine_checkpoi
     share = (probe.in_use + probe.activation_peak + probe.reserved + 64 * 2**20) / probe.total
     config = EngineConfig(model="unused", max_num_batched_tokens=512, max_model_len=256, enforce_eager=True,
                           gpu_memory_utilization=share)
-    with caplog.at_level(logging.INFO, logger="server.engine.llm_engine"):
+    with caplog.at_level(logging.INFO, logger="server.engine.core"):
         engine = LLMEngine(config, model, Tokenizer.from_dir(directory))
     assert "GiB for the KV cache" in caplog.text and "activation peak" in caplog.text
     kv_bytes = (engine.num_kv_blocks + 1) * kv_block_bytes(model, 16, model.output_weight().dtype)

@@ -54,7 +54,7 @@ def publishing_engine(engine_checkpoint):
                           kv_events_topic=TOPIC)
     engine = LLMEngine(config, load_model(directory, dtype="float32", device="cpu"), Tokenizer.from_dir(directory))
     yield engine
-    engine.kv_events.close()
+    engine.core.kv_events.close()
 
 
 def receive_all(sub: zmq.Socket, wait: float = 1.0) -> list[tuple[int, list]]:
@@ -72,7 +72,7 @@ def test_a_subscriber_sees_the_cached_blocks_of_a_prompt_and_their_eviction(publ
     engine = publishing_engine
     sub = zmq.Context.instance().socket(zmq.SUB)
     sub.setsockopt_string(zmq.SUBSCRIBE, TOPIC)
-    sub.connect(engine.kv_events.endpoint)
+    sub.connect(engine.core.kv_events.endpoint)
     time.sleep(0.3)  # a PUB socket drops what it sends before the subscriber has joined
     try:
         prompt = list(range(10, 31))  # 21 tokens: 5 full blocks once the prompt is in the cache
