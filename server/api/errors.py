@@ -11,9 +11,9 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.engine.async_engine import EngineDeadError, RequestFailedError, ServerShuttingDownError
-from server.engine.validation import RequestRejected
 from server.engine.sampling_params import SamplingParamsError
 from server.engine.structured import StructuredOutputError
+from server.engine.validation import RequestRejected
 
 logger = logging.getLogger(__name__)
 
