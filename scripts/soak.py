@@ -274,7 +274,7 @@ class Soak:
 @dataclass
 class Target:
     base_url: str
-    engine: Any = None  # the in-process AsyncEngine, if any
+    engine: Any = None  # the engine client of a server started here, if any
     pid: int | None = None
 
 
@@ -389,8 +389,8 @@ def idle_state(target: Target, api_key: str | None, timeout: float = 15.0) -> di
                  "waiting": metric(text, "jetmoe:num_requests_waiting"),
                  "kv_cache_usage": metric(text, "jetmoe:kv_cache_usage_perc")}
         if target.engine is not None:
-            blocks = target.engine.engine.blocks
-            state.update(kv_blocks_used=blocks.num_used_blocks, kv_blocks=blocks.num_blocks,
+            stats, blocks = target.engine.stats(), target.engine.num_kv_blocks
+            state.update(kv_blocks_used=round(stats.kv_cache_usage * blocks), kv_blocks=blocks,
                          unfinished=target.engine.num_unfinished)
         if (state["running"] == 0 and state["waiting"] == 0 and state["kv_cache_usage"] == 0
                 and state.get("kv_blocks_used", 0) == 0 and state.get("unfinished", 0) == 0):

@@ -16,14 +16,12 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
-import torch
-
 from server.cli import fail, parse_args
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from server.engine.async_engine import AsyncEngine
+    from server.engine.client import EngineClient
     from server.engine.config import EngineConfig
 
 logger = logging.getLogger("server")
@@ -46,29 +44,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     with contextlib.closing(sock):
         if not Path(engine_config.model).is_dir():
             return fail(f"model directory {engine_config.model!r} does not exist")
-        _set_cpu_threads(args.cpu_threads)
         try:
-            engine = _load_engine(engine_config)
+            engine = _load_engine(engine_config, args)
         except Exception as exc:  # any loading problem is the user's checkpoint or flags: one line, no trace
             return fail(f"cannot load the model from {engine_config.model!r}: {exc}")
         from server.api import create_app
 
         app = create_app(engine, settings)
         host, port = sock.getsockname()[:2]
-        llm = engine.engine
-        weight = llm.model.output_weight()
-        logger.info("serving %s as %r on %s (%s), %d KV blocks of %d tokens, max_model_len %d, at http://%s:%d",
-                    engine_config.model, settings.served_model_name, weight.device, str(weight.dtype)[6:],
-                    llm.num_kv_blocks, llm.config.block_size, llm.max_model_len, _url_host(host), port)
-        _serve(app, sock, args)
+        logger.info("serving %s as %r on %s, %d KV blocks of %d tokens, max_model_len %d, at http://%s:%d",
+                    engine_config.model, settings.served_model_name, engine.describe(), engine.num_kv_blocks,
+                    engine_config.block_size, engine.max_model_len, _url_host(host), port)
+        try:
+            _serve(app, sock, args)
+        finally:
+            engine.shutdown()  # idempotent: the app's lifespan normally stopped it already
     return 0
 
 
-def _set_cpu_threads(requested: int | None) -> None:
-    """Intra-op threads for CPU kernels. By default one core is left free: the event loop serialises and
-    streams every token, and an OpenMP pool spinning on all cores starves it (measured: 1.6x the served
-    throughput on 2 cores with 1 thread instead of 2). No effect on CUDA kernels."""
-    torch.set_num_threads(requested or max(1, (os.cpu_count() or 1) - 1))
+def _cpu_threads(requested: int | None, in_process: bool) -> int:
+    """Intra-op threads for CPU kernels (no effect on CUDA kernels). The engine-core process gets every core by
+    default. In-process, one core is left to the event loop, which serialises and streams every token."""
+    cores = os.cpu_count() or 1
+    return requested or (max(1, cores - 1) if in_process else cores)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -86,12 +84,24 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _load_engine(config: EngineConfig) -> AsyncEngine:
+def _load_engine(config: EngineConfig, args: argparse.Namespace) -> EngineClient:
+    """The engine core in its own process (default) or on a thread here (``--engine-in-process``)."""
     # NOTE: torch is imported here, not at module level, so that --help and flag errors stay fast.
-    from server.engine.async_engine import AsyncEngine
-    from server.engine.llm_engine import LLMEngine
+    import torch
 
-    engine = AsyncEngine(LLMEngine.from_config(config))
+    threads = _cpu_threads(args.cpu_threads, args.engine_in_process)
+    engine: EngineClient
+    if args.engine_in_process:
+        from server.engine.async_engine import AsyncEngine
+        from server.engine.llm_engine import LLMEngine
+
+        torch.set_num_threads(threads)
+        engine = AsyncEngine(LLMEngine.from_config(config))
+    else:
+        from server.engine.multiproc.client import MultiprocEngine
+
+        torch.set_num_threads(1)  # the API process: tokenization, detokenization, HTTP
+        engine = MultiprocEngine(config, cpu_threads=threads, log_level=args.log_level)
     engine.start()
     return engine
 

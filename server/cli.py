@@ -87,8 +87,11 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         "AllBlocksCleared) on this ZeroMQ PUB endpoint, e.g. tcp://127.0.0.1:5557", metavar="ENDPOINT")
     add("--kv-events-topic", "topic of the published KV-cache events (llm-d expects kv@POD@MODEL)", "",
         metavar="TOPIC")
-    add("--cpu-threads", "PyTorch threads when running on CPU (default: all cores but one, which is left to "
-        "the HTTP layer)", type=_positive)
+    add("--cpu-threads", "PyTorch threads of the engine-core process when running on CPU (default: all cores; "
+        "the API process uses one)", type=_positive)
+    add("--engine-in-process", "run the engine core on a thread of the API process instead of its own process "
+        "(shares one GIL with HTTP: slower, for debugging)", "false", _bool, metavar="BOOL", nargs="?",
+        const=True)
     add("--chat-template", "a Jinja chat template, or a file holding one, used instead of the checkpoint's",
         metavar="TEMPLATE")
     add("--trust-request-chat-template", "accept a chat_template in requests (a template runs with no time "

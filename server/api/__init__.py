@@ -1,4 +1,4 @@
-"""HTTP layer: an OpenAI-compatible FastAPI app over ``AsyncEngine`` (see ``create_app``)."""
+"""HTTP layer: an OpenAI-compatible FastAPI app over an engine client (``server.engine.client``) (see ``create_app``)."""
 
 from __future__ import annotations
 

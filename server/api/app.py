@@ -18,12 +18,13 @@ from server.api.connections import HeadAsGetMiddleware, ProbeOnlyMiddleware, rat
 from server.api.errors import install_error_handlers
 from server.api.settings import ServerSettings
 from server.api.state import AppState
-from server.engine.async_engine import AsyncEngine, ServerShuttingDownError
+from server.engine.client import EngineClient
+from server.engine.streams import ServerShuttingDownError
 
 logger = logging.getLogger(__name__)
 
 
-def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
+def create_app(engine: EngineClient, settings: ServerSettings) -> FastAPI:
     """An OpenAI-compatible app over a started ``engine``; the app shuts the engine down when it stops."""
     state = AppState(engine, settings)
 

@@ -78,7 +78,7 @@ async def create_chat_completion(state: AppState, body: ChatCompletionRequest, r
     prompt_ids = truncate_prompt(rendered, body, state.max_model_len)
     params = chat_params(body, state.max_model_len - len(prompt_ids), state.generation_defaults).with_overrides(
         structured=_output_spec(body, plan))
-    await compile_spec(state.llm.grammars, params)
+    await compile_spec(state.engine.grammars, params)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     job = _Job(request_id, int(time.time()), body, prepare_calls(state, request_id, [prompt_ids], params), plan)
     if body.stream:

@@ -72,7 +72,7 @@ def render_messages(state: AppState, messages: Sequence[ChatMessage], fields: Te
     template = _template(state, fields)
     plain, extra = template_inputs(messages, tools, "tools" in template_variables(template))
     try:
-        return state.llm.tokenizer.apply_chat_template(
+        return state.engine.tokenizer.apply_chat_template(
             plain, fields.add_generation_prompt, state.settings.special_tokens_in_messages, chat_template=template,
             continue_final_message=fields.continue_final_message,
             template_kwargs={**(fields.chat_template_kwargs or {}), **extra},

@@ -75,7 +75,7 @@ async def create_completion(state: AppState, body: CompletionRequest, request: R
     check_fields(body)
     prompts = [_truncated(state, p, body) for p in await parse_prompts(state, body)]
     params = completion_params(body, state.generation_defaults).with_overrides(structured=requested_spec(body))
-    await compile_spec(state.llm.grammars, params)
+    await compile_spec(state.engine.grammars, params)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     calls = prepare_calls(state, request_id, [p.ids for p in prompts], params)
     job = _Job(request_id, int(time.time()), body, prompts, params, calls)
@@ -92,7 +92,7 @@ async def parse_prompts(state: AppState, body: CompletionRequest) -> list[Prompt
     """A string, a list of strings, a list of token ids, or a list of token id lists (text tokenized off the
     event loop, after a length check unless ``truncate_prompt_tokens`` keeps only the end of it)."""
     prompt = body.prompt
-    tokenizer = state.llm.tokenizer
+    tokenizer = state.engine.tokenizer
     texts = [prompt] if isinstance(prompt, str) else prompt
     if not texts or any(isinstance(p, str) and not p for p in texts):
         raise APIError(400, "prompt must not be empty", param="prompt")
@@ -103,7 +103,7 @@ async def parse_prompts(state: AppState, body: CompletionRequest) -> list[Prompt
     lists: list[list[int]] = [prompt] if isinstance(prompt[0], int) else prompt  # type: ignore[list-item,assignment]
     if any(not ids for ids in lists):
         raise APIError(400, "a token id prompt must not be empty", param="prompt")
-    vocab = state.llm.model.config.vocab_size
+    vocab = state.engine.vocab_size
     if any(not 0 <= t < vocab for ids in lists for t in ids):
         raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
     return [Prompt(list(ids), tokenizer.decode(ids)) for ids in lists]
@@ -111,7 +111,7 @@ async def parse_prompts(state: AppState, body: CompletionRequest) -> list[Prompt
 
 def _truncated(state: AppState, prompt: Prompt, body: CompletionRequest) -> Prompt:
     ids = truncate_prompt(prompt.ids, body, state.max_model_len)
-    return prompt if len(ids) == len(prompt.ids) else Prompt(ids, state.llm.tokenizer.decode(ids))
+    return prompt if len(ids) == len(prompt.ids) else Prompt(ids, state.engine.tokenizer.decode(ids))
 
 
 def _max_tokens(body: CompletionRequest, defaults: dict[str, Any]) -> int:

@@ -7,14 +7,14 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from server.api.state import AppState
-from server.engine.async_engine import AsyncEngine
+from server.engine.client import EngineClient
 
 
 def get_state(request: Request) -> AppState:
     return request.app.state.api
 
 
-def get_engine(request: Request) -> AsyncEngine:
+def get_engine(request: Request) -> EngineClient:
     return get_state(request).engine
 
 
@@ -26,5 +26,5 @@ def accepting(request: Request) -> AppState:
 
 
 StateDep = Annotated[AppState, Depends(get_state)]
-EngineDep = Annotated[AsyncEngine, Depends(get_engine)]
+EngineDep = Annotated[EngineClient, Depends(get_engine)]
 AcceptingDep = Annotated[AppState, Depends(accepting)]

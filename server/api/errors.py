@@ -10,8 +10,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.engine.async_engine import EngineDeadError, RequestFailedError, ServerShuttingDownError
 from server.engine.sampling_params import SamplingParamsError
+from server.engine.streams import EngineDeadError, RequestFailedError, ServerShuttingDownError
 from server.engine.structured import StructuredOutputError
 from server.engine.validation import RequestRejected
 

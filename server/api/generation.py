@@ -44,7 +44,7 @@ def prepare_calls(state: AppState, request_id: str, prompts: Sequence[list[int]]
     """
     check_request_size(state, prompts, params)
     for ids in prompts:
-        state.llm.validate(ids, params)
+        state.engine.validate(ids, params)
     slots = state.admit(len(prompts) * params.n, "n" if params.n > 1 else "prompt")
     return [
         EngineCall(i, list(ids), params, request_id if len(prompts) == 1 else f"{request_id}-{i}", slots)
@@ -58,8 +58,8 @@ def check_request_size(state: AppState, prompts: Sequence[list[int]], params: Sa
     samples x (1 + logprob alternatives))."""
     if len(prompts) > MAX_PROMPTS:
         raise APIError(400, f"prompt may hold at most {MAX_PROMPTS} prompts, got {len(prompts)}", param="prompt")
-    if params.n > state.llm.config.max_num_seqs:
-        raise APIError(400, f"n/best_of is {params.n}; this server runs at most {state.llm.config.max_num_seqs} "
+    if params.n > state.engine.config.max_num_seqs:
+        raise APIError(400, f"n/best_of is {params.n}; this server runs at most {state.engine.config.max_num_seqs} "
                        "sequences at once", param="n")
     echoed = params.prompt_logprobs is not None
     tokens = sum((len(ids) if echoed else 0) + params.max_tokens for ids in prompts)

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from server.engine.async_engine import AsyncEngine
+from server.engine.client import EngineClient
 from server.engine.request import RequestOutput
 
 PREFIX = "jetmoe:"
@@ -32,7 +32,7 @@ _E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 
 class EngineStatsCollector(Collector):
     """Gauges and counters the engine keeps itself, read when Prometheus scrapes, under every prefix."""
 
-    def __init__(self, engine: AsyncEngine, model_name: str, prefixes: tuple[str, ...],
+    def __init__(self, engine: EngineClient, model_name: str, prefixes: tuple[str, ...],
                  cache_config: Mapping[str, str]) -> None:
         self.engine = engine
         self.model_name = model_name
@@ -109,7 +109,7 @@ class ServerMetrics:
     labels of ``cache_config_info``.
     """
 
-    def __init__(self, engine: AsyncEngine, model_name: str, vllm_names: bool = False,
+    def __init__(self, engine: EngineClient, model_name: str, vllm_names: bool = False,
                  cache_config: Mapping[str, str] | None = None) -> None:
         self.model_name = model_name
         self.prefixes = (PREFIX, VLLM_PREFIX) if vllm_names else (PREFIX,)

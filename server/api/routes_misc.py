@@ -36,7 +36,7 @@ def _card(state: AppState) -> ModelCard:
     permission = ModelPermission(id=f"modelperm-{uuid.uuid5(uuid.NAMESPACE_URL, state.settings.served_model_name).hex}",
                                  created=state.created)
     return ModelCard(id=state.settings.served_model_name, created=state.created,
-                     owned_by=state.settings.owned_by, root=state.llm.config.model,
+                     owned_by=state.settings.owned_by, root=state.engine.config.model,
                      max_model_len=state.max_model_len, permission=[permission])
 
 
@@ -86,7 +86,7 @@ async def version() -> dict[str, str]:
 @router.get("/tokenizer_info", tags=["tokenizer"], responses=ERROR_RESPONSES)
 async def get_tokenizer_info(state: StateDep) -> dict[str, Any]:
     """The tokenizer's configuration: special tokens, class and the chat template in force (as vLLM's)."""
-    return tokenizer_info(state.llm.tokenizer, state.chat_template)
+    return tokenizer_info(state.engine.tokenizer, state.chat_template)
 
 
 @router.get("/metrics", tags=["ops"], response_class=Response,
@@ -113,7 +113,7 @@ async def tokenize(body: TokenizeRequest, state: StateDep) -> TokenizeResponse:
 @router.post("/detokenize", tags=["tokenizer"], responses=ERROR_RESPONSES)
 async def detokenize(body: DetokenizeRequest, state: StateDep) -> DetokenizeResponse:
     state.check_model(body.model)
-    vocab = state.llm.model.config.vocab_size
+    vocab = state.engine.vocab_size
     if any(not 0 <= t < vocab for t in body.tokens):
         raise APIError(400, f"token ids must be in [0, {vocab})", param="tokens")
-    return DetokenizeResponse(prompt=state.llm.tokenizer.decode(body.tokens))
+    return DetokenizeResponse(prompt=state.engine.tokenizer.decode(body.tokens))

@@ -12,8 +12,7 @@ from server.api.generation_defaults import describe, load_generation_defaults
 from server.api.logprobs import TokenTexts
 from server.api.metrics import ServerMetrics
 from server.api.settings import ServerSettings
-from server.engine.async_engine import AsyncEngine
-from server.engine.llm_engine import LLMEngine
+from server.engine.client import EngineClient
 
 logger = logging.getLogger(__name__)
 
@@ -21,33 +20,28 @@ logger = logging.getLogger(__name__)
 class AppState:
     """Everything a route needs, stored on ``app.state.api`` (no module globals)."""
 
-    def __init__(self, engine: AsyncEngine, settings: ServerSettings) -> None:
+    def __init__(self, engine: EngineClient, settings: ServerSettings) -> None:
         self.engine = engine
         self.settings = settings
-        llm = engine.engine
         cache_config = {
-            "block_size": str(llm.config.block_size),
-            "num_gpu_blocks": str(llm.num_kv_blocks),
-            "enable_prefix_caching": str(llm.config.enable_prefix_caching),
+            "block_size": str(engine.config.block_size),
+            "num_gpu_blocks": str(engine.num_kv_blocks),
+            "enable_prefix_caching": str(engine.config.enable_prefix_caching),
         }
         self.metrics = ServerMetrics(engine, settings.served_model_name, settings.export_vllm_metrics, cache_config)
-        self.texts = TokenTexts(self.llm.tokenizer)
+        self.texts = TokenTexts(self.engine.tokenizer)
         self.created = int(time.time())
         self.draining = False
         self.num_in_flight = 0  # generation requests being answered
         self.num_not_started = 0  # engine requests submitted that have not produced a token yet
-        self.chat_template: str = settings.chat_template or self.llm.tokenizer.chat_template
+        self.chat_template: str = settings.chat_template or self.engine.tokenizer.chat_template
         self.generation_defaults: dict[str, Any] = load_generation_defaults(
-            settings.generation_config, self.llm.config.model)
+            settings.generation_config, self.engine.config.model)
         logger.info("%s", describe(self.generation_defaults))
 
     @property
-    def llm(self) -> LLMEngine:
-        return self.engine.engine
-
-    @property
     def max_model_len(self) -> int:
-        return self.llm.max_model_len
+        return self.engine.max_model_len
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.settings.served_model_name:

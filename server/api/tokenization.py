@@ -23,7 +23,7 @@ T = TypeVar("T")
 
 def max_text_chars(state: AppState) -> int:
     """The most characters a text that fits the context can have."""
-    return state.max_model_len * state.llm.tokenizer.longest_piece_chars
+    return state.max_model_len * state.engine.tokenizer.longest_piece_chars
 
 
 def check_text_length(state: AppState, chars: int, param: str) -> None:
@@ -46,7 +46,7 @@ async def encode_texts(state: AppState, texts: Sequence[str], check_length: bool
     if check_length:
         for text in texts:
             check_text_length(state, len(text), "prompt")
-    tokenizer = state.llm.tokenizer
+    tokenizer = state.engine.tokenizer
     return await off_loop(lambda: [tokenizer.encode(t, add_special_tokens=add_special_tokens) for t in texts])
 
 

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from server.api import ServerSettings, auth
-from tests.support.live_server import SERVED_NAME, live_server
+from tests.support.live_server import SERVED_NAME, in_process_engine, live_server
 
 KEY = "sk-hardening-7f3c9e1aKEY"
 WRONG = "sk-hardening-0d4b2c8eWRONG"
@@ -37,7 +37,7 @@ BAD_HEADERS = {"none": None, "wrong-key": f"Bearer {WRONG}", "basic-scheme": f"B
 @pytest.fixture(scope="module")
 def keyed(engine_checkpoint):
     settings = ServerSettings(served_model_name=SERVED_NAME, api_key=KEY, max_request_bytes=1024)
-    with live_server(engine_checkpoint[0], settings, num_kv_blocks=64) as server:
+    with live_server(engine_checkpoint[0], settings, in_process=True, num_kv_blocks=64) as server:
         yield server
 
 
@@ -89,7 +89,7 @@ def test_keys_are_compared_in_constant_time(monkeypatch) -> None:
 def test_keys_and_prompts_stay_out_of_logs_in_process(keyed, caplog) -> None:
     """Logs of every logger at INFO while requests (good, bad key, invalid, failing) carry the key and prompt."""
     caplog.set_level(logging.INFO)
-    llm = keyed.engine.engine
+    llm = in_process_engine(keyed)
     with httpx.Client(base_url=keyed.url, timeout=30) as http:
         good = {"Authorization": f"Bearer {KEY}"}
         assert http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 3}, headers=good).status_code == 200

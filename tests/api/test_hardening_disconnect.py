@@ -104,7 +104,6 @@ def test_disconnect_storm(storm_server, references) -> None:
                    and engine.stats().kv_cache_usage == 0.0):
             assert time.monotonic() < deadline, (engine.stats(), state.num_in_flight, state.num_not_started)
             time.sleep(0.02)
-        assert engine.engine.blocks.usage == 0.0 and not engine.engine.has_unfinished()
         text = http.get("/metrics").text
         assert metric(text, "jetmoe:num_requests_running") == 0
         assert metric(text, "jetmoe:num_requests_waiting") == 0

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from model.tokenizer import Tokenizer
-from tests.support.live_server import greedy_reference, live_server
+from tests.support.live_server import greedy_reference, in_process_engine, live_server
 
 FAULT_SEED = 777_001
 PROMPTS = ["The quick brown fox", "Hello, world! How are you today?", "Once upon a time there was",
@@ -111,13 +111,13 @@ def _wait_idle(server, timeout: float = 5.0) -> None:
 
 
 def test_dead_engine_loop_answers_503_without_hanging(engine_checkpoint, monkeypatch) -> None:
-    with live_server(engine_checkpoint[0], num_kv_blocks=128) as server, \
+    with live_server(engine_checkpoint[0], in_process=True, num_kv_blocks=128) as server, \
             httpx.Client(base_url=server.url, timeout=10) as http:
         long = {"prompt": "Once", "max_tokens": 400, "ignore_eos": True}
         with http.stream("POST", "/v1/completions", json={**long, "stream": True}) as response:
             lines = response.iter_lines()
             assert next(line for line in lines if line.startswith("data: "))
-            scheduler = server.engine.engine.scheduler
+            scheduler = in_process_engine(server).scheduler
 
             def crash():
                 raise RuntimeError("injected engine loop crash")
@@ -128,7 +128,7 @@ def test_dead_engine_loop_answers_503_without_hanging(engine_checkpoint, monkeyp
         error = json.loads(data[-1])["error"]
         assert error["type"] == "server_error" and error["code"] == "engine_dead"
         deadline = time.monotonic() + 5
-        while server.engine._thread.is_alive():
+        while server.engine.is_alive:
             assert time.monotonic() < deadline
             time.sleep(0.01)
         started = time.monotonic()
@@ -145,9 +145,9 @@ def test_dead_engine_loop_answers_503_without_hanging(engine_checkpoint, monkeyp
 
 
 def test_dead_engine_loop_fails_a_waiting_non_streaming_request(engine_checkpoint, monkeypatch) -> None:
-    with live_server(engine_checkpoint[0], num_kv_blocks=128) as server, \
+    with live_server(engine_checkpoint[0], in_process=True, num_kv_blocks=128) as server, \
             httpx.Client(base_url=server.url, timeout=10) as http:
-        llm = server.engine.engine
+        llm = in_process_engine(server)
         step = llm.step
 
         def crash_later():

@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from model.tokenizer import Tokenizer
-from tests.support.live_server import SERVED_NAME
+from tests.support.live_server import SERVED_NAME, in_process_engine, live_server
 from tests.support.prom import sample as metric
 
 MODEL = SERVED_NAME
@@ -230,8 +230,15 @@ def test_non_streaming_disconnect_aborts(api_server, http) -> None:
     assert metric(text, "jetmoe:request_success_total", finished_reason="abort") == aborted + 16
 
 
-def test_engine_failure_mid_stream_is_an_error_event(api_server, http, sdk, monkeypatch) -> None:
-    runner = api_server.engine.engine.runner
+def test_engine_failure_mid_stream_is_an_error_event(engine_checkpoint, monkeypatch) -> None:
+    with live_server(engine_checkpoint[0], in_process=True) as server, \
+            httpx.Client(base_url=server.url, timeout=60) as http:
+        sdk = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+        _fail_mid_stream(server, http, sdk, monkeypatch)
+
+
+def _fail_mid_stream(api_server, http, sdk, monkeypatch) -> None:
+    runner = in_process_engine(api_server).runner
     execute = runner.execute
 
     def failing(step):

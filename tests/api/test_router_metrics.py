@@ -43,7 +43,7 @@ def test_vllm_names_are_exported_and_cache_config_is_an_info_metric(router_serve
         assert name in found, name
     for name in ROUTER_HISTOGRAMS:
         assert f"{name}_bucket" in found and f"{name}_count" in found, name
-    engine = router_server.engine.engine
+    engine = router_server.engine
     for prefix in ("jetmoe:", "vllm:"):
         (info,) = found[f"{prefix}cache_config_info"]
         assert info["block_size"] == str(engine.config.block_size)

@@ -136,7 +136,7 @@ def test_history_with_calls_and_results_is_rendered(model_server) -> None:
                                          '{"city": "Paris", "unit": "c"}}</tool_call>'},
         {"role": "tool", "content": "18 degrees"},
     ]
-    tokenizer = model_server.state.llm.tokenizer
+    tokenizer = model_server.state.engine.tokenizer
     rendered = _render(model_server, history, TOOLS)
     assert rendered == tokenizer.apply_chat_template(expected)
     body = {"model": SERVED_NAME, "messages": history, "tools": TOOLS, "max_tokens": 4}
@@ -155,7 +155,7 @@ def test_a_template_that_uses_tools_gets_them(model_server) -> None:
         {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]}]
     body = ChatCompletionRequest.model_validate({"messages": history, "tools": TOOLS})
     messages, extra = template_inputs(body.messages, tool_plan(body), native=True)
-    tokenizer = model_server.state.llm.tokenizer
+    tokenizer = model_server.state.engine.tokenizer
     rendered = tokenizer.apply_chat_template(messages, False, chat_template=template, template_kwargs=extra)
     assert tokenizer.decode(rendered) == (
         "[get_weather][get_time]user:What is the weather in Paris?;assistant:<get_weather Rome>;")

@@ -17,8 +17,10 @@ from fastapi import FastAPI
 from server.api import ServerSettings, create_app
 from server.api.state import AppState
 from server.engine.async_engine import AsyncEngine
+from server.engine.client import EngineClient
 from server.engine.config import EngineConfig
 from server.engine.llm_engine import LLMEngine
+from server.engine.multiproc.client import MultiprocEngine
 
 SERVED_NAME = "tiny-jetmoe"
 ENGINE_DEFAULTS: dict[str, Any] = {
@@ -29,7 +31,7 @@ ENGINE_DEFAULTS: dict[str, Any] = {
 @dataclass
 class LiveServer:
     app: FastAPI
-    engine: AsyncEngine
+    engine: EngineClient
     url: str
 
     @property
@@ -42,11 +44,23 @@ class LiveServer:
         return self.app.state.api
 
 
-def start_engine(model_dir: str | Path, **overrides: Any) -> AsyncEngine:
+def start_engine(model_dir: str | Path, in_process: bool = False, **overrides: Any) -> EngineClient:
+    """The server's engine: the core in its own process (as ``jetmoe-serve`` runs it), or with ``in_process``
+    on a thread here, for tests that reach into the core (fault injection, the runner's tensors)."""
     config = EngineConfig(model=str(model_dir), **{**ENGINE_DEFAULTS, **overrides})
-    engine = AsyncEngine(LLMEngine.from_config(config))
+    engine: EngineClient
+    if in_process:
+        engine = AsyncEngine(LLMEngine.from_config(config))
+    else:
+        engine = MultiprocEngine(config, cpu_threads=1, log_level="warning")
     engine.start()
     return engine
+
+
+def in_process_engine(server: LiveServer) -> LLMEngine:
+    """The in-process engine of a server started with ``in_process=True``."""
+    assert isinstance(server.engine, AsyncEngine), "start the server with in_process=True"
+    return server.engine.engine
 
 
 @contextmanager
@@ -72,10 +86,10 @@ def serve_app(app: FastAPI, host: str = "127.0.0.1") -> Iterator[str]:
 
 
 @contextmanager
-def live_server(model_dir: str | Path, settings: ServerSettings | None = None,
+def live_server(model_dir: str | Path, settings: ServerSettings | None = None, in_process: bool = False,
                 **engine_overrides: Any) -> Iterator[LiveServer]:
     """Engine + app + uvicorn on ``model_dir``; everything is shut down on exit."""
-    engine = start_engine(model_dir, **engine_overrides)
+    engine = start_engine(model_dir, in_process, **engine_overrides)
     app = create_app(engine, settings or ServerSettings(served_model_name=SERVED_NAME))
     try:
         with serve_app(app) as url:
