@@ -111,10 +111,13 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     return parser
 
 
-def parse_args(argv: Sequence[str] | None = None,
-               environ: Mapping[str, str] | None = None) -> tuple[argparse.Namespace, ServerSettings, EngineConfig]:
-    """Flags -> (args, server settings, engine config); any problem exits with one line and status 2."""
-    parser = build_parser(environ)
+def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None,
+               parser: argparse.ArgumentParser | None = None,
+               ) -> tuple[argparse.Namespace, ServerSettings, EngineConfig]:
+    """Flags -> (args, server settings, engine config); any problem exits with one line and status 2.
+
+    ``parser``: ``build_parser``'s parser with more flags (``server.distributed.cli`` adds its own)."""
+    parser = parser or build_parser(environ)
     args = parser.parse_args(argv)
     if not args.model:
         parser.error(f"--model is required: the checkpoint directory to serve (or set {env_name('--model')})")
