@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,14 +105,10 @@ def stop(serve: ServeProcess, timeout: float = 60.0) -> int | None:
     """SIGTERM (the drain), then after ``timeout`` kill what is left of the child's session."""
     if serve.process.poll() is None:
         serve.process.send_signal(signal.SIGTERM)
-        try:
+        with suppress(subprocess.TimeoutExpired):
             serve.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
+    with suppress(ProcessLookupError, PermissionError):
         os.killpg(serve.process.pid, signal.SIGKILL)  # the session the child leads: Ray's processes
-    except (ProcessLookupError, PermissionError):
-        pass
     serve.process.wait(10)
     return serve.process.returncode
 
