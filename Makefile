@@ -11,7 +11,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 $(BIN)/jetmoe-serve: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install "$(TORCH_SPEC)"
-	$(PIP) install -e ".[test]"
+	$(PIP) install -e ".[test,ray]"
 	touch $@
 
 install: $(BIN)/jetmoe-serve

@@ -14,7 +14,6 @@ from server.distributed.asgi import ForwardedRequest, ResponseStart
 from server.distributed.ingress import IngressState, build_ingress_app
 from server.distributed.loopback import keep_replica_grpc_on_loopback
 from server.distributed.replica import ReplicaCore, ReplicaSpec, build_engine
-from server.distributed.router import RoutingHint
 
 
 @serve.deployment
@@ -28,14 +27,18 @@ class EngineReplica:
         self.core = ReplicaCore(build_engine(spec.engine, spec.cpu_threads), spec.settings, self.name)
 
     async def forward(self, request: ForwardedRequest,
-                      hint: RoutingHint | None = None) -> AsyncIterator[ResponseStart | bytes]:
-        """The app's answer to one HTTP request (``hint`` is the router's)."""
+                      prefix: tuple[int, ...] = ()) -> AsyncIterator[ResponseStart | bytes]:
+        """The app's answer to one HTTP request (``prefix``, its prompt's prefix hashes, is for the router)."""
         async for part in self.core.forward(request):
             yield part
 
     async def metrics(self) -> tuple[str, str]:
         """(replica name, /metrics text)."""
         return await self.core.metrics()
+
+    async def healthy(self) -> tuple[str, bool]:
+        """(replica name, whether /health answers 200)."""
+        return await self.core.healthy()
 
     async def drain(self) -> None:
         await self.core.drain()

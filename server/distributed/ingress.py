@@ -5,8 +5,9 @@ prompt's prefix hashes (``server.distributed.prefix``) and forwards the whole re
 through the engine deployment's handle, whose router picks the replica (``server.distributed.router``). The
 replica answers it with the single server's own app, and the ingress relays that answer as it comes: status,
 headers (``x-jetmoe-replica`` among them), then the body, so SSE streams stream. Two paths are the ingress's
-own: ``/metrics`` merges every replica's series (``server.distributed.metrics``), and ``/health`` answers 503
-while the application drains, else what a replica answers.
+own, answered from every replica at once (Serve's broadcast, which no queue limit holds up): ``/metrics``
+merges every replica's series (``server.distributed.metrics``), and ``/health`` answers 200 while one replica
+or more is healthy (naming them in ``x-jetmoe-replica``), 503 while the application drains or none is.
 
 A replica that fails before its answer starts gives that request a 503 (``engine_dead``, OpenAI's shape);
 one that fails mid-stream ends that stream with an error event, as the single server does when its engine
@@ -22,7 +23,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, cast
 
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import Receive
 
@@ -33,15 +34,14 @@ from server.distributed.asgi import ForwardedRequest, ResponseStart
 from server.distributed.metrics import merge_metrics
 from server.distributed.prefix import request_prefix
 from server.distributed.replica import REPLICA_HEADER
-from server.distributed.router import RoutingHint
+from server.distributed.router import PREFIX_KWARG
 
 if TYPE_CHECKING:
     from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 logger = logging.getLogger(__name__)
 
-HEALTH_TIMEOUT_S = 10.0
-METRICS_TIMEOUT_S = 10.0
+PROBE_TIMEOUT_S = 10.0
 _METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
@@ -52,20 +52,27 @@ class IngressState:
         self.engines = engines
         self.settings = settings
         self.draining = False
+        # NOTE: made once: each handle made by .options() has its own router, and the router's state (which
+        # prefix went where, what is in flight) must outlive a request.
+        self._forward = engines.options(method_name="forward", stream=True)
 
     def stream(self, request: ForwardedRequest) -> DeploymentResponseGenerator:
         """Send ``request`` to the replica the router picks for its prompt prefix."""
-        hint = RoutingHint(request_prefix(request.path, request.body))
-        return cast("DeploymentResponseGenerator", self.engines.options(stream=True).forward.remote(request, hint=hint))
+        prefix = request_prefix(request.path, request.body)
+        return cast("DeploymentResponseGenerator", self._forward.remote(request, **{PREFIX_KWARG: prefix}))
 
-    async def replica_metrics(self) -> list[tuple[str, str]]:
-        """(name, /metrics text) of every replica that answered."""
-        results = await self.engines.broadcast("metrics").results_async(timeout_s=METRICS_TIMEOUT_S,
-                                                                          return_exceptions=True)
+    async def ask_every_replica(self, method: str) -> list[Any]:
+        """What every replica's ``method`` returned (Serve's broadcast: no queue limit, so a probe never waits
+        behind generation requests); replicas that failed or are gone are left out."""
+        try:
+            results = await self.engines.broadcast(method).results_async(timeout_s=PROBE_TIMEOUT_S,
+                                                                           return_exceptions=True)
+        except (TimeoutError, asyncio.TimeoutError):
+            return []
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
-            logger.warning("%d replica(s) did not answer /metrics: %s", len(failed), failed[0])
-        return [r for r in results if isinstance(r, tuple)]
+            logger.warning("%d replica(s) did not answer %s: %s", len(failed), method, failed[0])
+        return [r for r in results if not isinstance(r, BaseException)]
 
     async def drain(self) -> None:
         """Drain every replica at once (the single server's SIGTERM drain in each); /health answers 503."""
@@ -85,17 +92,19 @@ def build_ingress_app(state: IngressState) -> FastAPI:
                        body_timeout=state.settings.body_timeout)
 
     @app.api_route("/health", methods=["GET", "HEAD"], include_in_schema=False)
-    async def health(request: Request) -> Response:
+    async def health() -> Response:
+        """200 while one replica or more is healthy (naming them); 503 while draining or when none is."""
         if state.draining:
             return APIError(503, "The server is shutting down.", code="shutting_down").response()
-        return await relay(state, request, HEALTH_TIMEOUT_S)
+        healthy = sorted(name for name, ok in await state.ask_every_replica("healthy") if ok)
+        if not healthy:
+            return APIError(503, "No engine replica is running.", code="engine_dead").response()
+        return JSONResponse({"status": "ok"}, headers={REPLICA_HEADER.decode(): ",".join(healthy)})
 
     @app.api_route("/metrics", methods=["GET", "HEAD"], include_in_schema=False)
     async def metrics() -> Response:
-        try:
-            replicas = await state.replica_metrics()
-        except (TimeoutError, asyncio.TimeoutError):
-            replicas = []
+        """Every replica's series, labelled by ``replica``."""
+        replicas = await state.ask_every_replica("metrics")
         if not replicas:
             return APIError(503, "No engine replica answered.", code="engine_dead").response()
         names = ",".join(sorted(name for name, _ in replicas))
@@ -109,19 +118,15 @@ def build_ingress_app(state: IngressState) -> FastAPI:
     return app
 
 
-async def relay(state: IngressState, request: Request, timeout: float | None = None) -> Response:
-    """Forward ``request`` to a replica and relay its answer (503 when the replica fails before answering,
-    or does not start answering within ``timeout`` seconds)."""
+async def relay(state: IngressState, request: Request) -> Response:
+    """Forward ``request`` to a replica and relay its answer (503 when the replica fails before answering)."""
     body = await request.body()
     client = (request.client.host, request.client.port) if request.client else None
     forwarded = ForwardedRequest(request.method, request.scope["path"], request.scope.get("query_string", b""),
                                  tuple((bytes(k), bytes(v)) for k, v in request.scope["headers"]), body, client)
     stream = state.stream(forwarded)
     try:
-        start = await asyncio.wait_for(stream.__anext__(), timeout)
-    except (TimeoutError, asyncio.TimeoutError):
-        stream.cancel()
-        return APIError(503, f"No engine replica answered within {timeout:g} s.", code="engine_dead").response()
+        start = await stream.__anext__()
     except Exception as exc:  # the replica died or could not be reached: this request fails, no other
         stream.cancel()
         logger.warning("engine replica failed before answering %s %s: %s", request.method, forwarded.path, exc)

@@ -93,6 +93,11 @@ class ReplicaCore:
             raise ReplicaDeadError(f"/metrics answered {status}")
         return self.name, body.decode() + self._info()
 
+    async def healthy(self) -> tuple[str, bool]:
+        """(this replica's name, whether its ``/health`` answers 200: engine running, not draining)."""
+        status, _ = await self.get("/health")
+        return self.name, status == 200
+
     def check_health(self) -> None:
         """Raise while the engine loop is dead."""
         if not self.engine.is_alive:

@@ -1,8 +1,7 @@
 """Prefix-affinity routing on Ray Serve's request-router API (``ray.serve.request_router.RequestRouter``).
 
 The ingress calls the engine replicas through a ``DeploymentHandle`` whose deployment is configured with this
-router; every call carries a ``RoutingHint`` keyword (the prompt's chained prefix hashes, or a replica to
-pin a control call to). ``choose_replicas`` returns the replicas one per rank, in ``PrefixTable.order``:
+router; every forwarded request carries its prompt's chained prefix hashes as the ``prefix`` keyword. ``choose_replicas`` returns the replicas one per rank, in ``PrefixTable.order``:
 the replica that was sent the longest part of the prompt's prefix first (its KV cache most likely holds it),
 then the least loaded. Serve tries the ranks in turn and skips a replica at its queue limit
 (``max_ongoing_requests``, from the router's queue-length cache or a probe), so a full replica passes its
@@ -16,28 +15,22 @@ cache when that is higher (several ingress replicas each see only their own requ
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from server.distributed.prefix import CHUNKS_PER_REPLICA, PrefixTable
 
-HINT_KWARG = "hint"
+PREFIX_KWARG = "prefix"
 
 
-@dataclass(frozen=True)
-class RoutingHint:
-    """What the router reads from a call: the prompt's prefix hashes, or the replica a call is pinned to."""
+def prefix_of(request: PendingRequest | None) -> tuple[int, ...]:
+    """The call's prompt-prefix hashes (the ``prefix`` keyword of ``forward``; none on other calls).
 
-    prefix: tuple[int, ...] = ()
-    replica: str | None = None  # ReplicaID.unique_id
-
-
-def hint_of(request: PendingRequest | None) -> RoutingHint:
-    """The call's hint (an empty one when it has none)."""
-    hint = request.kwargs.get(HINT_KWARG) if request is not None else None
-    return hint if isinstance(hint, RoutingHint) else RoutingHint()
+    A plain tuple of ints, not a class of this package: Serve ships the router class to the handle's process
+    by value, so a class defined beside it would not be the class the caller made its argument from."""
+    prefix = request.kwargs.get(PREFIX_KWARG) if request is not None else None
+    return prefix if isinstance(prefix, tuple) else ()
 
 
 class PrefixAffinityRouter(RequestRouter):
@@ -52,24 +45,21 @@ class PrefixAffinityRouter(RequestRouter):
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
-        """Every candidate in its own rank, most preferred first (a pinned call: only its replica)."""
+        """Every candidate in its own rank, most preferred first."""
         if pending_request is not None:
             pending_request.routing_context.should_backoff = True  # one pass over all ranks, then back off
-        hint = hint_of(pending_request)
-        if hint.replica is not None:
-            return [[r for r in candidate_replicas if r.replica_id.unique_id == hint.replica]]
         by_id = {r.replica_id: r for r in candidate_replicas}
         with self._lock:
             load = {rid: max(self._in_flight.get(rid, 0), self.replica_queue_len_cache.get(rid) or 0)
                     for rid in by_id}
-            order = self._table.order(by_id, hint.prefix, load)
+            order = self._table.order(by_id, prefix_of(pending_request), load)
         return [[by_id[rid]] for rid in order]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         """The replica accepted the request: it now holds the prompt's prefix, and one more request."""
         request_id = pending_request.metadata.internal_request_id
         with self._lock:
-            self._table.record(replica_id, hint_of(pending_request).prefix)
+            self._table.record(replica_id, prefix_of(pending_request))
             self._routed[request_id] = replica_id
             self._in_flight[replica_id] = self._in_flight.get(replica_id, 0) + 1
 

@@ -31,6 +31,7 @@ pytestmark = [requires_ray, pytest.mark.timeout(180)]
 
 LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1"}
 DRAIN_TIMEOUT = 20
+QUEUE_LIMIT = 2  # requests one replica takes at once
 # Two long prompts that share nothing; each is asked with three different endings.
 PREFIX_A = ("import os\nimport sys\n\n\nclass Config:\n    \"\"\"Settings read from the environment.\"\"\"\n\n"
             "    def __init__(self, environ=None):\n        self.environ = dict(environ or os.environ)\n"
@@ -43,13 +44,16 @@ PREFIX_B = ("def parse_header(line):\n    \"\"\"Split a header line into its nam
             "            break\n        name, value = parse_header(line)\n        headers[name] = value\n"
             "    return headers\n\n")
 ENDINGS = ["    def items(self):\n", "    def keys(self):\n", "    def __repr__(self):\n"]
+FRESH = ["class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n",
+         "async def main():\n    loop = asyncio.get_running_loop()\n    server = await loop.create_server("]
 
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     flags = [*ENGINE_FLAGS, "--num-replicas", "2", "--num-cpus-per-replica", "0.5", "--export-vllm-metrics",
-             "--drain-timeout", str(DRAIN_TIMEOUT), "--log-level", "warning"]
+             "--max-ongoing-requests", str(QUEUE_LIMIT), "--drain-timeout", str(DRAIN_TIMEOUT),
+             "--log-level", "warning"]
     with serve_process(flags, log) as serve:
         wait_for_replicas(serve, 2, timeout=120)
         yield serve
@@ -193,6 +197,7 @@ class _Stream(threading.Thread):
         self.lines: list[str] = []
         self.replica: str | None = None
         self.first_token = threading.Event()
+        self.leave = threading.Event()  # set: the client closes the stream
         self.error: BaseException | None = None
 
     def run(self) -> None:
@@ -205,6 +210,8 @@ class _Stream(threading.Thread):
                     self.lines.append(line)
                     if line.startswith("data: {"):
                         self.first_token.set()
+                    if self.leave.is_set():
+                        break
         except BaseException as exc:  # reported by the test
             self.error = exc
         finally:
@@ -214,14 +221,33 @@ class _Stream(threading.Thread):
         return sse_payloads(self.lines)
 
 
+def _started(streams: list[_Stream]) -> list[_Stream]:
+    for stream in streams:
+        stream.start()
+        assert stream.first_token.wait(60) and stream.error is None, stream.error
+    return streams
+
+
+def test_a_replica_at_its_queue_limit_is_skipped(app: ServeProcess, client: httpx.Client) -> None:
+    home, _, _ = _complete(client, PREFIX_A + ENDINGS[0])
+    busy = _started([_Stream(app.url, PREFIX_A + ending, 400) for ending in ENDINGS[:QUEUE_LIMIT]])
+    try:
+        assert {stream.replica for stream in busy} == {home}  # the prefix's replica, until it is full
+        elsewhere, body, _ = _complete(client, PREFIX_A + ENDINGS[2])
+        assert elsewhere != home and body["usage"]["completion_tokens"] > 0
+        health = client.get("/health")  # probes never wait behind a full replica
+        assert health.status_code == 200 and set(health.headers["x-jetmoe-replica"].split(",")) == {home, elsewhere}
+    finally:
+        for stream in busy:
+            stream.leave.set()
+            stream.join(60)
+
+
 def test_a_killed_replica_fails_only_its_own_requests_and_is_replaced(app: ServeProcess,
                                                                        client: httpx.Client) -> None:
     pids = replica_pids(app.url)
-    victim_stream, other_stream = _Stream(app.url, PREFIX_A + ENDINGS[1], 400), \
-        _Stream(app.url, PREFIX_B + ENDINGS[1], 120)
-    for stream in (victim_stream, other_stream):
-        stream.start()
-        assert stream.first_token.wait(60) and stream.error is None, stream.error
+    victim_stream, other_stream = _started([_Stream(app.url, PREFIX_A + ENDINGS[1], 400),
+                                            _Stream(app.url, PREFIX_B + ENDINGS[1], 120)])
     assert victim_stream.replica != other_stream.replica
     psutil.Process(pids[victim_stream.replica]).kill()
     for stream in (victim_stream, other_stream):
@@ -236,11 +262,8 @@ def test_a_killed_replica_fails_only_its_own_requests_and_is_replaced(app: Serve
 
 
 def test_sigterm_drains_every_replica_then_exits_0(app: ServeProcess) -> None:
-    streams = [_Stream(app.url, PREFIX_A + ENDINGS[0], 300), _Stream(app.url, PREFIX_B + ENDINGS[0], 300)]
-    for stream in streams:
-        stream.start()
-        assert stream.first_token.wait(60) and stream.error is None, stream.error
-    assert len({s.replica for s in streams}) == 2
+    streams = _started([_Stream(app.url, prompt, 300) for prompt in FRESH])
+    assert len({s.replica for s in streams}) == 2  # two new prefixes: the least-loaded replica each
     started = time.monotonic()
     app.process.terminate()
     time.sleep(1.0)
