@@ -23,7 +23,7 @@ ALLOWED = {
     "server.engine.worker": {"server.engine", "model", "model.kernels", "model.layers"},
     "server.engine.multiproc": {"server.engine", "server.engine.worker", "model", "model.kernels", "model.layers"},
     "server.bench": set(),
-    "server.distributed": {"server", "server.api", "server.engine"},
+    "server.distributed": {"server", "server.api", "server.engine", "server.engine.multiproc"},
     "tools": {"tools.train_tiny"},
     "tools.train_tiny": {"model"},
 }

@@ -108,8 +108,11 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         max_ongoing_requests=args.max_ongoing_requests or 2 * engine.max_num_seqs,
         num_cpus_per_replica=args.num_cpus_per_replica, num_gpus_per_replica=args.num_gpus_per_replica,
         drain_timeout=settings.drain_timeout)
-    threads = args.cpu_threads or max(1, int(scale.num_cpus_per_replica) - 1)
-    return DistributedArgs(args, ReplicaSpec(engine, settings, threads), scale)
+    # The engine core gets the replica's CPUs (one core is left to the event loop when it runs in-process).
+    cpus = max(1, int(scale.num_cpus_per_replica))
+    threads = args.cpu_threads or (max(1, cpus - 1) if args.engine_in_process else cpus)
+    spec = ReplicaSpec(engine, settings, threads, args.engine_in_process, args.log_level)
+    return DistributedArgs(args, spec, scale)
 
 
 def builder_argv(args: dict[str, Any]) -> list[str]:

@@ -24,7 +24,7 @@ class EngineReplica:
     def __init__(self, spec: ReplicaSpec) -> None:
         keep_replica_grpc_on_loopback()
         self.name = serve.get_replica_context().replica_id.unique_id
-        self.core = ReplicaCore(build_engine(spec.engine, spec.cpu_threads), spec.settings, self.name)
+        self.core = ReplicaCore(build_engine(spec), spec.settings, self.name)
 
     async def forward(self, request: ForwardedRequest,
                       prefix: tuple[int, ...] = ()) -> AsyncIterator[ResponseStart | bytes]:

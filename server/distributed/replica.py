@@ -1,8 +1,7 @@
 """One engine replica: an engine and the single server's OpenAI app over it, driven in-process.
 
-``build_engine`` is the one place a replica makes its engine (swap it to run the engine elsewhere: the replica
-only needs the ``AsyncEngine`` interface: ``generate``, ``abort``, ``stats``, ``is_alive``, ``fail_all``,
-``shutdown``). ``ReplicaCore`` holds the engine and ``server.api.create_app``'s app; the Serve deployment
+``build_engine`` is the one place a replica makes its engine; the replica needs only the ``EngineClient``
+interface of ``server.engine.client`` (``create_app`` takes it; ``is_alive`` for the health check). ``ReplicaCore`` holds the engine and ``server.api.create_app``'s app; the Serve deployment
 (``server.distributed.deployments.EngineReplica``) is a thin shell around it, so that this part runs and is
 tested without Ray.
 """
@@ -25,7 +24,7 @@ from server.distributed.asgi import ForwardedRequest, ResponseStart, run_asgi
 from server.engine.config import EngineConfig
 
 if TYPE_CHECKING:
-    from server.engine.async_engine import AsyncEngine
+    from server.engine.client import EngineClient
 
 logger = logging.getLogger(__name__)
 
@@ -34,24 +33,35 @@ REPLICA_HEADER = b"x-jetmoe-replica"
 
 @dataclass(frozen=True)
 class ReplicaSpec:
-    """What every engine replica is built from: the engine's config, the API's settings, and the PyTorch
-    threads it runs on CPU."""
+    """What every engine replica is built from: the engine's config, the API's settings, the PyTorch threads
+    of its engine core on CPU, whether the core runs on a thread of the replica instead of its own process,
+    and the core's log level."""
 
     engine: EngineConfig
     settings: ServerSettings
     cpu_threads: int = 1
+    engine_in_process: bool = False
+    log_level: str = "info"
 
 
-def build_engine(config: EngineConfig, cpu_threads: int) -> AsyncEngine:
-    """A started engine for ``config``: the one place a replica makes its engine."""
+def build_engine(spec: ReplicaSpec) -> EngineClient:
+    """A started engine for ``spec``: the one place a replica makes its engine (as ``jetmoe-serve`` does: the
+    core in a child process of the replica, or with ``engine_in_process`` on a thread of it)."""
     # NOTE: torch is imported here, not at module level, so that the CLI and the ingress never load it.
     import torch
 
-    from server.engine.async_engine import AsyncEngine
-    from server.engine.llm_engine import LLMEngine
+    engine: EngineClient
+    if spec.engine_in_process:
+        from server.engine.async_engine import AsyncEngine
+        from server.engine.llm_engine import LLMEngine
 
-    torch.set_num_threads(max(1, cpu_threads))
-    engine = AsyncEngine(LLMEngine.from_config(config))
+        torch.set_num_threads(spec.cpu_threads)
+        engine = AsyncEngine(LLMEngine.from_config(spec.engine))
+    else:
+        from server.engine.multiproc.client import MultiprocEngine
+
+        torch.set_num_threads(1)  # the replica's own process: tokenization, detokenization, HTTP
+        engine = MultiprocEngine(spec.engine, cpu_threads=spec.cpu_threads, log_level=spec.log_level)
     engine.start()
     return engine
 
@@ -63,7 +73,7 @@ class ReplicaDeadError(RuntimeError):
 class ReplicaCore:
     """An engine, the OpenAI app over it, and what the ingress asks of a replica."""
 
-    def __init__(self, engine: AsyncEngine, settings: ServerSettings, name: str) -> None:
+    def __init__(self, engine: EngineClient, settings: ServerSettings, name: str) -> None:
         from server.api import create_app
 
         self.engine = engine

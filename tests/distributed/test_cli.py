@@ -33,7 +33,9 @@ def test_every_single_server_flag_and_the_scaling_flags_parse() -> None:
     assert parsed.scale.num_gpus_per_replica == 1 and parsed.spec.cpu_threads == 2
     assert parsed.spec.settings.api_key == "k" and parsed.spec.settings.export_vllm_metrics
     assert parsed.spec.settings.max_queued_requests == 9 and parsed.scale.drain_timeout == 5
-    assert parse(["--num-cpus-per-replica", "4"], environ={}).spec.cpu_threads == 3  # one core for the loop
+    assert parse(["--num-cpus-per-replica", "4"], environ={}).spec.cpu_threads == 4  # the engine core's
+    in_process = parse(["--num-cpus-per-replica", "4", "--engine-in-process"], environ={}).spec
+    assert in_process.engine_in_process and in_process.cpu_threads == 3  # one core left to the event loop
     assert parse(["--max-replicas", "4", "--num-replicas", "9"], environ={}).scale.replica_range() == (1, 4, 4)
     assert parse([], environ={"JETMOE_NUM_REPLICAS": "2"}).scale.num_replicas == 2
 

@@ -112,7 +112,7 @@ def _reference_completions(prompts: list[str]) -> list[str]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with live_server(BUNDLED_MODEL_DIR, ServerSettings(served_model_name=SERVED_NAME)) as server, \
+        with live_server(BUNDLED_MODEL_DIR, ServerSettings(served_model_name=SERVED_NAME), in_process=True) as server, \
                 httpx.Client(base_url=server.url, timeout=60) as http:
             return [http.post("/v1/completions", json={"model": SERVED_NAME, "prompt": p, "max_tokens": 12,
                                                        "temperature": 0}).json()["choices"][0]["text"]
@@ -195,6 +195,7 @@ class _Stream(threading.Thread):
         super().__init__(daemon=True)
         self.url, self.prompt, self.max_tokens = url, prompt, max_tokens
         self.lines: list[str] = []
+        self.last_line_at = 0.0  # time.monotonic() of the last line read
         self.replica: str | None = None
         self.first_token = threading.Event()
         self.leave = threading.Event()  # set: the client closes the stream
@@ -208,6 +209,7 @@ class _Stream(threading.Thread):
                 self.replica = response.headers.get("x-jetmoe-replica")
                 for line in response.iter_lines():
                     self.lines.append(line)
+                    self.last_line_at = time.monotonic()
                     if line.startswith("data: {"):
                         self.first_token.set()
                     if self.leave.is_set():
@@ -262,18 +264,20 @@ def test_a_killed_replica_fails_only_its_own_requests_and_is_replaced(app: Serve
 
 
 def test_sigterm_drains_every_replica_then_exits_0(app: ServeProcess) -> None:
-    streams = _started([_Stream(app.url, prompt, 300) for prompt in FRESH])
+    streams = _started([_Stream(app.url, prompt, 250) for prompt in FRESH])
     assert len({s.replica for s in streams}) == 2  # two new prefixes: the least-loaded replica each
     started = time.monotonic()
     app.process.terminate()
-    time.sleep(1.0)
+    while httpx.get(f"{app.url}/health", timeout=30).status_code != 503:
+        assert time.monotonic() - started < 10, "/health did not turn 503"
+        time.sleep(0.1)
     late = httpx.post(f"{app.url}/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=30)
     assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down"
-    assert httpx.get(f"{app.url}/health", timeout=30).status_code == 503
     for stream in streams:
         stream.join(DRAIN_TIMEOUT + 10)
         events = stream.events()
         assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length", events[-2:]
+        assert stream.last_line_at > started + 0.5, "the stream was not in flight during the drain"
     assert app.process.wait(DRAIN_TIMEOUT + 40) == 0, app.log_tail()
     assert time.monotonic() - started < DRAIN_TIMEOUT + 40
     assert not [p for p in psutil.process_iter(["cmdline"]) if "ServeReplica:jetmoe" in " ".join(
