@@ -118,7 +118,8 @@ class MultiprocEngine(EngineClient):
     def start(self) -> None:
         """Spawn the core and wait for its model to load; ``CoreStartupError`` when it cannot."""
         args = CoreProcessArgs(self.config, f"ipc://{self._dir / 'commands'}", f"ipc://{self._dir / 'results'}",
-                               self._cpu_threads, self._log_level, os.getpid())
+                               self._cpu_threads, self._log_level, os.getpid(),
+                               kernel_death_signal=threading.current_thread() is threading.main_thread())
         self._process = multiprocessing.get_context("spawn").Process(
             target=run_engine_core, args=(args,), name="jetmoe-engine-core", daemon=True)
         self._process.start()

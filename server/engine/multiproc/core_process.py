@@ -46,13 +46,16 @@ class CoreProcessArgs:
     cpu_threads: int
     log_level: str
     parent_pid: int
+    # PR_SET_PDEATHSIG follows the spawning *thread*: only a main-thread spawn may use it (else the parent check)
+    kernel_death_signal: bool = True
 
 
 def run_engine_core(args: CoreProcessArgs) -> None:
     """Process entry point (``multiprocessing`` spawn target)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _die_with_parent()
+    if args.kernel_death_signal:
+        _die_with_parent()
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s core %(name)s: %(message)s")
     import torch
 
