@@ -15,6 +15,7 @@ from server.api.chat_template import load_chat_template
 from server.api.generation_defaults import OFF as GENERATION_CONFIG_OFF
 from server.api.settings import ServerSettings
 from server.engine.config import EngineConfig
+from server.engine.spec import SpeculativeConfig
 
 PROG = "jetmoe-serve"
 ENV_PREFIX = "JETMOE_"
@@ -87,6 +88,10 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         "AllBlocksCleared) on this ZeroMQ PUB endpoint, e.g. tcp://127.0.0.1:5557", metavar="ENDPOINT")
     add("--kv-events-topic", "topic of the published KV-cache events (llm-d expects kv@POD@MODEL)", "",
         metavar="TOPIC")
+    add("--speculative-config", "speculative decoding as a JSON object with vLLM's keys, e.g. '{\"method\": "
+        "\"ngram\", \"num_speculative_tokens\": 3, \"prompt_lookup_min\": 2, \"prompt_lookup_max\": 4}' "
+        "(n-gram proposals from each sequence's own tokens; outputs do not change)", type=_speculative,
+        metavar="JSON")
     add("--cpu-threads", "PyTorch threads of the engine-core process when running on CPU (default: all cores; "
         "the API process uses one)", type=_positive)
     add("--engine-in-process", "run the engine core on a thread of the API process instead of its own process "
@@ -154,6 +159,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager, attention_backend=args.attention_backend,
         kv_events_endpoint=args.kv_events_endpoint, kv_events_topic=args.kv_events_topic,
+        speculative_config=args.speculative_config,
     )
 
 
@@ -237,6 +243,13 @@ def _device(value: str) -> str:
     if not _DEVICE.match(value.lower()):
         raise argparse.ArgumentTypeError(f"unknown device {value!r}; use auto, cpu, cuda or cuda:N")
     return value.lower()
+
+
+def _speculative(value: str) -> SpeculativeConfig:
+    try:
+        return SpeculativeConfig.from_json(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _size(value: str) -> int:

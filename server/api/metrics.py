@@ -6,6 +6,10 @@ routers (llm-d's endpoint picker, KServe, vLLM's production-stack) can read this
 ``engine.stats()`` at scrape time by a custom collector, with ``cache_config_info`` (block size, number of KV
 blocks) as an info-style gauge of value 1; token counters, finished requests and latency histograms are
 recorded by the API as outputs stream by.
+
+Speculative decoding (``--speculative-config``) exports vLLM's ``spec_decode_num_drafts``,
+``spec_decode_num_draft_tokens`` and ``spec_decode_num_accepted_tokens`` counters (``_total``): the acceptance
+rate is accepted / draft tokens, the mean accepted length 1 + accepted / drafts. They stay 0 without it.
 """
 
 from __future__ import annotations
@@ -50,6 +54,11 @@ class EngineStatsCollector(Collector):
             "prefix_cache_queries": ("Prompt tokens looked up in the prefix cache.", stats.prefix_cache_queries),
             "prefix_cache_hits": ("Prompt tokens found in the prefix cache.", stats.prefix_cache_hits),
             "num_preemptions": ("Sequences preempted (recomputed later).", stats.num_preemptions),
+            "spec_decode_num_drafts": ("Proposals of speculative tokens verified (one per sequence and step).",
+                                       stats.spec_decode_num_drafts),
+            "spec_decode_num_draft_tokens": ("Speculative tokens proposed and verified.",
+                                             stats.spec_decode_num_draft_tokens),
+            "spec_decode_num_accepted_tokens": ("Speculative tokens accepted.", stats.spec_decode_num_accepted_tokens),
         }
         for prefix in self.prefixes:
             if prefix == VLLM_PREFIX:  # the name older routers read

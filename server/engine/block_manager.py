@@ -122,6 +122,19 @@ class BlockManager:
                     previous = request.block_hashes[-2] if len(request.block_hashes) > 1 else None
                     self._events.append(BlockStored([parent], previous, list(chunk), self.block_size))
 
+    def trim(self, request: Request) -> None:
+        """Free the request's blocks past those its ``num_computed_tokens`` fill, tail first: after a step that
+        verified proposed tokens, the blocks that hold only rejected ones. They were never registered in the
+        prefix cache (only blocks full of known tokens are)."""
+        keep = self.blocks_for(request.num_computed_tokens)
+        for block_id in reversed(request.block_ids[keep:]):
+            block = self._blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self._free[block_id] = None
+        del request.block_ids[keep:]
+        del request.block_hashes[keep:]
+
     def free(self, request: Request) -> None:
         """Drop the request's references; blocks are freed tail first so shared prefixes stay longest."""
         for block_id in reversed(request.block_ids):

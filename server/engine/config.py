@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from server.engine.spec.config import SpeculativeConfig
+
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 
 
@@ -17,6 +19,8 @@ class EngineConfig:
     ``enforce_eager`` turns off the CUDA graphs that decode steps replay on CUDA.
     ``kv_events_endpoint``: a ZeroMQ endpoint to publish KV-cache events on (``server.engine.kv_events``),
     under ``kv_events_topic``.
+    ``speculative_config``: propose tokens by n-gram lookup and verify them in one forward
+    (``server.engine.spec``); None runs without speculation.
     """
 
     model: str
@@ -34,6 +38,7 @@ class EngineConfig:
     enforce_eager: bool = False
     kv_events_endpoint: str | None = None
     kv_events_topic: str = ""
+    speculative_config: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
         positive = {

@@ -1,7 +1,9 @@
 """The engine core: scheduler, block pool, runner and sampler over one model; token ids in, token ids out.
 
 ``EngineCore.step`` schedules, runs the model once, samples and decides which sequences end on a token (EOS,
-stop token ids, ``max_tokens``, the context length, a completed grammar). Text, stop strings and logprob
+stop token ids, ``max_tokens``, the context length, a completed grammar). With a ``SpeculativeConfig`` the
+decoding sequences propose tokens first (``server.engine.spec``); the step verifies them and a sequence may
+then get several tokens, each processed as if it had come from its own step. Text, stop strings and logprob
 rendering live outside the core (``server.engine.output_processor``), so that the core can run in its own
 process (``server.engine.multiproc``) or in-process (``server.engine.llm_engine``).
 """
@@ -22,7 +24,8 @@ from server.engine.logit_masks import bad_words_token_ids
 from server.engine.request import CoreOutput, Request, TokenLogprob
 from server.engine.sampler import SamplerOutput, make_generator
 from server.engine.sampling_params import SamplingParams
-from server.engine.scheduler import Scheduler, SchedulerConfig
+from server.engine.scheduler import ScheduledRequest, Scheduler, SchedulerConfig
+from server.engine.spec.decoder import SpecCounters, SpecDecoder
 from server.engine.structured.compiler import GrammarCompiler
 from server.engine.structured.pending import CompilingRequests
 from server.engine.worker.decode_graphs import graph_batch_sizes
@@ -35,7 +38,8 @@ _COMPILE_WAIT_S = 0.005
 
 @dataclass(frozen=True)
 class EngineStats:
-    """Scheduler and cache counters as of the last step."""
+    """Scheduler and cache counters as of the last step; with speculation, vLLM's ``spec_decode_num_*``
+    totals (acceptance rate = accepted / draft tokens, mean accepted length = 1 + accepted / drafts)."""
 
     num_running: int
     num_waiting: int
@@ -43,6 +47,9 @@ class EngineStats:
     prefix_cache_queries: int
     prefix_cache_hits: int
     num_preemptions: int
+    spec_decode_num_drafts: int = 0
+    spec_decode_num_draft_tokens: int = 0
+    spec_decode_num_accepted_tokens: int = 0
 
 
 class EngineCore:
@@ -82,6 +89,12 @@ class EngineCore:
             self.runner.enable_decode_graphs(sizes, self.max_model_len)
             logger.info("captured CUDA graphs for decode batches of %s sequences in %.1f s",
                         ", ".join(map(str, sizes)), time.perf_counter() - started)
+        spec = config.speculative_config
+        self.spec = SpecDecoder(spec, self.max_model_len, model.config.vocab_size) if spec is not None else None
+        if spec is not None:
+            logger.info("speculative decoding: %s, up to %d tokens from n-grams of %d..%d tokens (steps that "
+                        "verify proposals run eagerly)", spec.method, spec.num_speculative_tokens,
+                        spec.prompt_lookup_min, spec.prompt_lookup_max)
         self._requests: dict[str, list[Request]] = {}
         self.grammars = GrammarCompiler(tokenizer.hf, model.config.vocab_size)
         self._compiling = CompilingRequests(self.grammars)
@@ -111,6 +124,8 @@ class EngineCore:
         self._compiling.abort(request_id)
         for request in self._requests.pop(request_id, []):
             self.scheduler.finish(request, "abort")
+            if self.spec is not None:
+                self.spec.drop(request)
 
     def finish_sample(self, request_id: str, index: int, reason: str = "stop") -> None:
         """End one sample (a stop string found outside the core); its blocks are freed at once."""
@@ -133,7 +148,8 @@ class EngineCore:
     def step(self) -> list[CoreOutput]:
         """Schedule, run the model once, sample; one output per sequence that got a token (or failed)."""
         outputs = self._admit_compiled()
-        step = self.scheduler.schedule()
+        drafts = self.spec.propose(self.scheduler.running) if self.spec is not None else None
+        step = self.scheduler.schedule(drafts)
         if not step.scheduled:
             if not outputs:
                 self._compiling.wait(_COMPILE_WAIT_S)  # only grammars in flight: wait for one, do not spin
@@ -151,10 +167,22 @@ class EngineCore:
             request = item.request
             request.num_computed_tokens += item.num_new_tokens
             if request.key in sampled:
+                self._settle_drafts(item, len(sampled[request.key].token_ids) - 1)
                 outputs.append(self._append_token(request, sampled[request.key]))
         return outputs
 
+    def _settle_drafts(self, item: ScheduledRequest, accepted: int) -> None:
+        """Keep the K/V of the ``accepted`` proposed tokens; roll back the rest (their blocks are freed)."""
+        if not item.draft_token_ids:
+            return
+        request = item.request
+        request.num_computed_tokens += accepted
+        self.blocks.trim(request)
+        if self.spec is not None:
+            self.spec.record(request, len(item.draft_token_ids), accepted)
+
     def stats(self) -> EngineStats:
+        counters = self.spec.counters if self.spec is not None else SpecCounters()
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
@@ -162,6 +190,9 @@ class EngineCore:
             prefix_cache_queries=self.blocks.prefix_cache_queries,
             prefix_cache_hits=self.blocks.prefix_cache_hits,
             num_preemptions=self.scheduler.num_preemptions,
+            spec_decode_num_drafts=counters.drafts,
+            spec_decode_num_draft_tokens=counters.draft_tokens,
+            spec_decode_num_accepted_tokens=counters.accepted_tokens,
         )
 
     def _admit_compiled(self) -> list[CoreOutput]:
@@ -190,26 +221,37 @@ class EngineCore:
             return self._fail(request, exc)
 
     def _process_token(self, request: Request, sampled: SamplerOutput) -> CoreOutput:
-        token = sampled.token_ids[0]
-        request.output_ids.append(token)
+        """The step's tokens of one sequence (several after verified proposals), in order, until one ends it."""
+        tokens: list[int] = []
+        reason: str | None = None
+        by_token = False
+        for token in sampled.token_ids:
+            tokens.append(token)
+            reason, by_token = self._accept(request, token)
+            if reason is not None:
+                break
         params = request.params
+        output = self._output(request, tokens, reason)
+        output.stopped_by_token = by_token
+        output.stop_reason = tokens[-1] if by_token and tokens[-1] in params.stop_token_ids else None
+        output.logprobs = _token_logprobs(tokens, sampled) if params.logprobs is not None else None
+        if reason is not None:
+            self._finish(request, reason)
+        return output
+
+    def _accept(self, request: Request, token: int) -> tuple[str | None, bool]:
+        """Append one token; returns the finish reason it causes (or None) and whether it is a stop token."""
+        request.output_ids.append(token)
         if request.grammar is not None and not request.grammar.accept(token):
             raise RuntimeError(f"token {token} was sampled against the request's grammar")
         # NOTE: a grammar allows EOS only once the output is complete; then EOS ends it even with ignore_eos.
         completed = request.grammar is not None and request.grammar.is_terminated
         by_token = self._is_stop_token(request, token) or (completed and token == self.tokenizer.eos_token_id)
-        reason: str | None = "stop" if by_token or completed else None
-        if reason is None and (
-            len(request.output_ids) >= params.max_tokens or request.num_tokens >= self.max_model_len
-        ):
-            reason = "length"
-        output = self._output(request, [token], reason)
-        output.stopped_by_token = by_token
-        output.stop_reason = token if by_token and token in params.stop_token_ids else None
-        output.logprobs = _token_logprobs(token, sampled) if params.logprobs is not None else None
-        if reason is not None:
-            self._finish(request, reason)
-        return output
+        if by_token or completed:
+            return "stop", by_token
+        if len(request.output_ids) >= request.params.max_tokens or request.num_tokens >= self.max_model_len:
+            return "length", False
+        return None, False
 
     def _is_stop_token(self, request: Request, token: int) -> bool:
         """EOS (unless ignored) or a stop token id, once min_tokens were generated."""
@@ -232,6 +274,8 @@ class EngineCore:
 
     def _finish(self, request: Request, reason: str) -> None:
         self.scheduler.finish(request, reason)
+        if self.spec is not None:
+            self.spec.drop(request)
         siblings = self._requests.get(request.request_id, [])
         if all(r.is_finished for r in siblings):
             self._requests.pop(request.request_id, None)
@@ -249,10 +293,13 @@ def _queue_time(request: Request) -> float | None:
     return request.first_scheduled_time - request.arrival_time
 
 
-def _token_logprobs(token: int, sampled: SamplerOutput) -> list[TokenLogprob]:
-    value = sampled.logprobs[0] if sampled.logprobs else float("nan")
-    top = sampled.top_logprobs[0] if sampled.top_logprobs else []
-    return [TokenLogprob(token, value, top)]
+def _token_logprobs(tokens: list[int], sampled: SamplerOutput) -> list[TokenLogprob]:
+    return [
+        TokenLogprob(token,
+                     sampled.logprobs[i] if sampled.logprobs else float("nan"),
+                     sampled.top_logprobs[i] if sampled.top_logprobs else [])
+        for i, token in enumerate(tokens)
+    ]
 
 
 def decode_graphs_apply(config: EngineConfig, model: JetMoeForCausalLM) -> bool:

@@ -31,7 +31,7 @@ import torch
 
 from server.engine.logit_masks import TokenSequences, apply_token_masks
 from server.engine.sampling_params import SamplingParams
-from server.engine.structured.matcher import GrammarState, apply_grammar_bitmask
+from server.engine.structured.matcher import TokenBitmaskSource, apply_grammar_bitmask
 
 
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
@@ -51,7 +51,7 @@ class SamplingRow:
     generator: torch.Generator | None = None  # from make_generator() when params.seed is set
     bad_words: TokenSequences = ()  # token sequences never to complete (``bad_words_token_ids``)
     min_tokens_blocked: tuple[int, ...] = ()  # ids masked while fewer than params.min_tokens were generated
-    grammar: GrammarState | None = None  # the tokens its output constraint allows next
+    grammar: TokenBitmaskSource | None = None  # the tokens its output constraint allows next
 
 
 @dataclass

@@ -5,12 +5,19 @@ that gap: running requests first (decodes and unfinished prefill chunks, in admi
 requests FCFS, the last one chunked where the budget ends. When blocks run out, the most recently admitted
 running request is preempted: its blocks are freed and it goes back to the front of the waiting queue with
 zero computed tokens. Prefix-cache hits simply start ``num_computed_tokens`` higher.
+
+Proposed (speculative) tokens of decoding requests come out of what the running requests leave of the budget,
+before waiting requests are admitted; they get blocks only when the pool has them free (they never preempt),
+and none are given in a step that preempted. They are not the request's tokens yet: only the known tokens'
+blocks are registered in the prefix cache.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from server.engine.block_manager import BlockManager
@@ -28,8 +35,17 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ScheduledRequest:
+    """A request's share of one step: ``num_new_tokens`` of its known tokens, then ``draft_token_ids``
+    (proposed tokens to verify, only on a decode step)."""
+
     request: Request
     num_new_tokens: int
+    draft_token_ids: tuple[int, ...] = ()
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        """Tokens this step computes for the request, proposed ones included."""
+        return self.num_new_tokens + len(self.draft_token_ids)
 
     @property
     def completes(self) -> bool:
@@ -44,7 +60,7 @@ class SchedulerOutput:
 
     @property
     def num_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
+        return sum(s.num_scheduled_tokens for s in self.scheduled)
 
 
 class Scheduler:
@@ -63,8 +79,11 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> SchedulerOutput:
-        """Pick this step's requests and how many tokens each computes; allocates their blocks."""
+    def schedule(self, drafts: Mapping[tuple[str, int], Sequence[int]] | None = None) -> SchedulerOutput:
+        """Pick this step's requests and how many tokens each computes; allocates their blocks.
+
+        ``drafts``: proposed tokens per request key, granted as far as the budget and the free blocks go.
+        """
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
@@ -77,6 +96,8 @@ class Scheduler:
             scheduled.append(self._scheduled(request, num_new))
             budget -= num_new
             index += 1
+        if drafts and not preempted:
+            budget = self._grant_drafts(budget, scheduled, drafts)
         if not preempted:
             budget = self._admit_waiting(budget, scheduled)
         return SchedulerOutput(tuple(scheduled), tuple(preempted))
@@ -92,6 +113,22 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         self.blocks.free(request)
+
+    def _grant_drafts(self, budget: int, scheduled: list[ScheduledRequest],
+                      drafts: Mapping[tuple[str, int], Sequence[int]]) -> int:
+        for i, item in enumerate(scheduled):
+            draft = drafts.get(item.request.key)
+            if budget <= 0 or not draft or item.num_new_tokens != 1 or not item.completes:
+                continue
+            request = item.request
+            granted = tuple(draft[:budget])
+            if not self.blocks.allocate(request, 1 + len(granted)):  # then what its own blocks still hold
+                room = len(request.block_ids) * self.blocks.block_size - request.num_computed_tokens - 1
+                granted = granted[: max(room, 0)]
+            if granted:
+                scheduled[i] = dataclasses.replace(item, draft_token_ids=granted)
+                budget -= len(granted)
+        return budget
 
     def _allocate_or_preempt(self, request: Request, num_new: int, preempted: list[Request]) -> bool:
         while not self.blocks.allocate(request, num_new):

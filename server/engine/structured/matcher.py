@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 import xgrammar as xgr
+
+
+class TokenBitmaskSource(Protocol):
+    """Whatever writes one row of allowed next tokens: a ``GrammarState``, or a mask prepared in advance."""
+
+    def fill(self, bitmask: torch.Tensor, row: int) -> None: ...
 
 
 class GrammarState:
@@ -32,6 +39,12 @@ class GrammarState:
             return True
         return False
 
+    def rollback(self, num_tokens: int) -> None:
+        """Undo the last ``num_tokens`` accepted tokens (speculative walks through proposed tokens)."""
+        if num_tokens:
+            self._matcher.rollback(num_tokens)
+            self.num_accepted -= num_tokens
+
     @property
     def is_terminated(self) -> bool:
         """The grammar has been completed and its end (a stop token) accepted."""
@@ -44,7 +57,7 @@ class GrammarState:
         return all(self.accept(t) for t in token_ids)
 
 
-def apply_grammar_bitmask(logits: torch.Tensor, grammars: Sequence[GrammarState | None]) -> torch.Tensor:
+def apply_grammar_bitmask(logits: torch.Tensor, grammars: Sequence[TokenBitmaskSource | None]) -> torch.Tensor:
     """Tokens a row's grammar forbids get -inf (out of place); rows without a grammar are untouched.
 
     ``logits``: ``[B, V]`` float32, ``grammars``: one entry per row. One bitmask of the whole batch is filled on

@@ -1,7 +1,12 @@
 """Model runner: turns a scheduled step into the model's flat tensors, runs the model once, samples.
 
 All-decode steps replay a captured CUDA graph when ``enable_decode_graphs`` was called (``DecodeGraphs``);
-every other step runs the model eagerly over ``build_flat_batch``'s metadata.
+every other step runs the model eagerly over ``build_flat_batch``'s metadata. A step that verifies proposed
+tokens is not a decode step (several query tokens per sequence, logits at each): it always runs eagerly.
+
+A request scheduled with proposed tokens gets logits at its last known token and at each proposed one, and one
+sampling row per position (``server.engine.spec.verify``); its sampler output holds the tokens it keeps: the
+accepted proposals and the model's own next token.
 
 It also computes prompt log-probabilities (for ``echo`` with ``logprobs``): the logits at prompt position
 ``p`` give the log-probability of prompt token ``p + 1`` and its top alternatives.
@@ -19,6 +24,12 @@ from model.layers.attention import allocate_kv_cache, kv_cache_bytes_per_block
 from server.engine.request import Request, TokenLogprob
 from server.engine.sampler import Sampler, SamplerOutput, SamplingRow
 from server.engine.scheduler import ScheduledRequest, SchedulerOutput
+from server.engine.spec.verify import (
+    accepted_length,
+    rewind_generators,
+    rewindable_generator,
+    verification_rows,
+)
 from server.engine.worker.batch import build_flat_batch
 from server.engine.worker.decode_graphs import DecodeGraphs
 
@@ -32,7 +43,7 @@ class StepInputs:
     context_lens: list[int]
     block_tables: list[list[int]]
     logits_indices: list[int]
-    sample_rows: list[int]  # logits row of each request that samples this step, in ``samplers`` order
+    sample_rows: list[int]  # logits rows of the requests that sample, in ``samplers`` order (1 + drafts each)
     samplers: list[ScheduledRequest]
     prompt_rows: list[tuple[ScheduledRequest, int, int]]  # request, first logits row, first prompt position
 
@@ -81,7 +92,8 @@ class ModelRunner:
         )
 
     def execute(self, step: SchedulerOutput) -> dict[tuple[str, int], SamplerOutput]:
-        """Run one step; returns, per sampling request key, its one-row sampler output.
+        """Run one step; returns, per sampling request key, the tokens it keeps (one, or with proposed tokens
+        the accepted ones and the next) with their logprobs.
 
         Prompt log-probabilities are appended to ``request.prompt_logprobs`` as a side effect.
         """
@@ -90,9 +102,22 @@ class ModelRunner:
         self._prompt_logprobs(logits, inputs.prompt_rows)
         if not inputs.samplers:
             return {}
-        rows = [_sampling_row(s.request) for s in inputs.samplers]
-        sampled = self.sampler(logits[inputs.sample_rows], rows)
-        return {s.request.key: _row_of(sampled, i) for i, s in enumerate(inputs.samplers)}
+        vocab = logits.shape[1]
+        groups = [verification_rows(_sampling_row(s.request), s.draft_token_ids, vocab) for s in inputs.samplers]
+        saved = [(g, g.get_state()) if g is not None else None  # before the draws, to give back unused ones
+                 for g in map(rewindable_generator, groups)]
+        sampled = self.sampler(logits[inputs.sample_rows], [row for rows in groups for row in rows])
+        results: dict[tuple[str, int], SamplerOutput] = {}
+        rewinds: list[tuple[torch.Generator, torch.Tensor, int]] = []
+        start = 0
+        for item, rows, generator_state in zip(inputs.samplers, groups, saved):
+            kept = 1 + accepted_length(sampled.token_ids[start : start + len(rows)], item.draft_token_ids)
+            results[item.request.key] = _rows_of(sampled, start, kept)
+            if generator_state is not None and kept < len(rows):
+                rewinds.append((*generator_state, kept))
+            start += len(rows)
+        rewind_generators(rewinds, vocab)
+        return results
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         graphs = self.decode_graphs
@@ -120,9 +145,11 @@ class ModelRunner:
             request, start = item.request, item.request.num_computed_tokens
             end = start + item.num_new_tokens
             flat_start = len(inputs.token_ids)
+            draft = item.draft_token_ids
             inputs.token_ids.extend(request.token_slice(start, end))
-            inputs.query_lens.append(item.num_new_tokens)
-            inputs.context_lens.append(end)
+            inputs.token_ids.extend(draft)
+            inputs.query_lens.append(item.num_scheduled_tokens)
+            inputs.context_lens.append(end + len(draft))
             inputs.block_tables.append(request.block_ids)
             first_prompt = max(start, len(request.prompt_logprobs) - 1)
             if request.wants_prompt_logprobs and first_prompt < min(end, request.num_prompt_tokens - 1):
@@ -130,10 +157,12 @@ class ModelRunner:
                 inputs.logits_indices.extend(
                     range(flat_start + first_prompt - start, flat_start + end - start)
                 )
-            elif item.completes:
-                inputs.logits_indices.append(flat_start + end - start - 1)
+            elif item.completes:  # the last known token, then each proposed one
+                last = flat_start + end - start - 1
+                inputs.logits_indices.extend(range(last, last + 1 + len(draft)))
             if item.completes:
-                inputs.sample_rows.append(len(inputs.logits_indices) - 1)
+                first_row = len(inputs.logits_indices) - 1 - len(draft)
+                inputs.sample_rows.extend(range(first_row, first_row + 1 + len(draft)))
                 inputs.samplers.append(item)
         return inputs
 
@@ -159,9 +188,10 @@ def _sampling_row(request: Request) -> SamplingRow:
                        request.bad_words, request.min_tokens_blocked, request.grammar)
 
 
-def _row_of(output: SamplerOutput, i: int) -> SamplerOutput:
+def _rows_of(output: SamplerOutput, start: int, count: int) -> SamplerOutput:
+    end = start + count
     return SamplerOutput(
-        token_ids=[output.token_ids[i]],
-        logprobs=None if output.logprobs is None else [output.logprobs[i]],
-        top_logprobs=None if output.top_logprobs is None else [output.top_logprobs[i]],
+        token_ids=output.token_ids[start:end],
+        logprobs=None if output.logprobs is None else output.logprobs[start:end],
+        top_logprobs=None if output.top_logprobs is None else output.top_logprobs[start:end],
     )
