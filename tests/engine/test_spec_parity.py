@@ -16,6 +16,7 @@ from server.engine.llm_engine import LLMEngine
 from server.engine.request import Request
 from server.engine.sampling_params import SamplingParams
 from server.engine.spec import SpeculativeConfig
+from server.engine.worker.decode_graphs import graph_batch_sizes
 from tests.support.engine import hf_greedy, run_engine, tokens_of
 from tests.support.proposers import ReferenceProposer
 
@@ -129,6 +130,32 @@ def test_ngram_speculation_matches_transformers(workload, k, overrides) -> None:
     if "num_kv_blocks" in overrides:
         assert stats.num_preemptions > 0
     assert kv.steps > 0
+
+
+def test_verification_steps_run_eagerly_beside_the_static_decode_path(workload) -> None:
+    """Decode graphs are for one-token decode steps: a step that verifies proposals runs eagerly (on CPU the
+    static decode path runs uncaptured, through the same dispatch)."""
+    engine = make_engine(workload, 3)
+    engine.runner.enable_decode_graphs(graph_batch_sizes(32), engine.max_model_len, capture=False)
+    graphs, schedule = engine.runner.decode_graphs, engine.scheduler.schedule
+    replayed, verifying = [], []
+    run = graphs.run
+
+    def counting_run(token_ids, context_lens, block_tables):
+        replayed.append(len(token_ids))
+        return run(token_ids, context_lens, block_tables)
+
+    def counting_schedule(*args):
+        step = schedule(*args)
+        verifying.append(any(s.draft_token_ids for s in step.scheduled))
+        return step
+
+    graphs.run = counting_run  # type: ignore[method-assign]
+    engine.scheduler.schedule = counting_schedule  # type: ignore[method-assign]
+    outputs = run_engine(engine, submit_in_waves(engine, workload[2]))
+    assert_matches(outputs, workload[2])
+    assert replayed and sum(verifying) > 0
+    assert len(replayed) <= verifying.count(False)  # no step with proposals went through the static path
 
 
 def test_partly_wrong_proposals_are_accepted_as_far_as_they_are_right(workload) -> None:
