@@ -6,7 +6,9 @@ tokens, never so many that accepting all of them plus the model's next token wou
 estimate of the chance ``a`` that a proposed token is accepted (given the ones before it were), it proposes
 the tokens whose chance of being kept, ``a ** j`` for the ``j``-th, is worth the work of verifying them
 (``MIN_KEEP``); and after a proposal of which nothing was accepted it pauses, twice as long after each further
-miss, so a sequence with nothing to copy soon stops costing anything.
+miss, so a sequence with nothing to copy soon stops costing anything. Proposals are a string search over
+each sequence's own tokens on the host, so no sequence waits for another's, and the ones without proposals
+take their one token in the same step as the others.
 """
 
 from __future__ import annotations
