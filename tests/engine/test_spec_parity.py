@@ -130,6 +130,7 @@ def test_ngram_speculation_matches_transformers(workload, k, overrides) -> None:
     if "num_kv_blocks" in overrides:
         assert stats.num_preemptions > 0
     assert kv.steps > 0
+    assert not engine.core.spec._lengths and not engine.core.spec.proposer._texts  # nothing kept per ended sequence
 
 
 def test_verification_steps_run_eagerly_beside_the_static_decode_path(workload) -> None:

@@ -69,7 +69,7 @@ class DraftLength:
         return max(1, min(self.limit, int(math.log(MIN_KEEP) / math.log(rate))))
 
     def update(self, num_tokens: int, proposed: int, accepted: int) -> None:
-        """Record a verified proposal; ``num_tokens``: the sequence's length after it."""
+        """Record a verified proposal; ``num_tokens``: the sequence's length when it was made."""
         self.accepted = self.accepted * DECAY + accepted
         self.rejected = self.rejected * DECAY + (1 if accepted < proposed else 0)
         if accepted:
