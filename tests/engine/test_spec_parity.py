@@ -203,3 +203,16 @@ def test_proposals_that_are_never_right_change_nothing_and_fade_out(workload) ->
     assert stats.spec_decode_num_drafts < generated / 3  # backed off: most steps proposed nothing
     # After its first miss a sequence proposes one token at a time.
     assert stats.spec_decode_num_draft_tokens <= stats.spec_decode_num_drafts + 4 * NUM_REQUESTS
+
+
+def test_aborting_mid_proposal_frees_everything(workload) -> None:
+    engine = make_engine(workload, 5)
+    for rid, prompt, max_tokens, _, _ in workload[2][:8]:
+        engine.add_request(rid, prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+    for _ in range(6):
+        engine.step()
+    assert engine.core.spec._lengths and engine.stats().spec_decode_num_drafts > 0
+    for rid, *_ in workload[2][:8]:
+        engine.abort(rid)
+    assert_all_blocks_free(engine)
+    assert not engine.core.spec._lengths and not engine.core.spec.proposer._texts
