@@ -149,7 +149,7 @@ class EngineCore:
         """Schedule, run the model once, sample; one output per sequence that got a token (or failed)."""
         outputs = self._admit_compiled()
         drafts = self.spec.propose(self.scheduler.running) if self.spec is not None else None
-        step = self.scheduler.schedule(drafts)
+        step = self.scheduler.schedule(drafts) if drafts else self.scheduler.schedule()
         if not step.scheduled:
             if not outputs:
                 self._compiling.wait(_COMPILE_WAIT_S)  # only grammars in flight: wait for one, do not spin
