@@ -8,9 +8,9 @@ Throughput, on the engine benchmark's workload (``benchmarks.bench_engine``: 64 
   requests with token-id prompts; and the same server with ``--engine-in-process`` (one process, one GIL);
 - ours offline: ``LLMEngine`` in this process;
 - transformers ``generate`` (padded batch) and ``generate_batch`` (continuous batching), in this process;
-- ``transformers serve --continuous-batching`` on the same checkpoint: text prompts (it takes no token ids and
-  has no ``ignore_eos``), so its useful tokens are the completion tokens it reports, each capped at the
-  request's ``max_tokens``.
+- ``transformers serve --continuous-batching`` on the same checkpoint (needs ``pip install accelerate``): text
+  prompts (it takes no token ids and has no ``ignore_eos``), so its useful tokens are the completion tokens it
+  reports, each capped at the request's ``max_tokens``.
 
 Latency: time to first token and inter-token latency p50/p99 of 16 streaming requests (prompts of 64 tokens,
 128 tokens each), alone and while 4 prompts of 1,500 tokens arrive once the streams are running.
@@ -103,12 +103,13 @@ async def _complete(http: httpx.AsyncClient, body: dict) -> int:
     return min(int(response.json()["usage"]["completion_tokens"]), body["max_tokens"])
 
 
-async def http_workload(url: str, work: Workload, prompts: list[str | list[int]], exact: bool) -> tuple[float, int]:
+async def http_workload(url: str, work: Workload, prompts: list[str | list[int]], exact: bool,
+                        model: str = NAME) -> tuple[float, int]:
     """Every request at once; (seconds, useful tokens)."""
     limits = httpx.Limits(max_connections=len(prompts) + 8)
     async with httpx.AsyncClient(base_url=url, timeout=3600, limits=limits) as http:
         extra = {"ignore_eos": True} if exact else {}
-        bodies = [{"model": NAME, "prompt": p, "max_tokens": n, "temperature": 0, **extra}
+        bodies = [{"model": model, "prompt": p, "max_tokens": n, "temperature": 0, **extra}
                   for p, n in zip(prompts, work.max_tokens)]
         started = time.perf_counter()
         counts = await asyncio.gather(*(_complete(http, b) for b in bodies))
@@ -168,8 +169,9 @@ def pct(values: list[float], q: float) -> float:
 def throughput_rows(directory: str, work: Workload, args: argparse.Namespace) -> list[tuple[str, float, int, str]]:
     rows: list[tuple[str, float, int, str]] = []
     useful = work.useful_tokens
-    for label, extra in (("ours over HTTP (engine-core process)", ()),
-                         ("ours over HTTP, --engine-in-process", ("--engine-in-process",))):
+    flags = tuple(args.server_flags.split())
+    for label, extra in (("ours over HTTP (engine-core process)", flags),
+                         ("ours over HTTP, --engine-in-process", ("--engine-in-process", *flags))):
         port = free_port()
         with running(our_server(directory, port, work, *extra), f"http://127.0.0.1:{port}"):
             url = f"http://127.0.0.1:{port}"
@@ -216,8 +218,8 @@ def transformers_serve(directory: str, work: Workload, tokenizer: Tokenizer) -> 
     try:
         with running(cmd, f"http://127.0.0.1:{port}"):
             url = f"http://127.0.0.1:{port}"
-            asyncio.run(http_workload(url, Workload(work.prompts[:8], [16] * 8), texts[:8], False))
-            seconds, tokens = asyncio.run(http_workload(url, work, texts, False))
+            asyncio.run(http_workload(url, Workload(work.prompts[:8], [16] * 8), texts[:8], False, directory))
+            seconds, tokens = asyncio.run(http_workload(url, work, texts, False, directory))
     except Exception as exc:  # a baseline that fails is reported, not fatal
         return (label, float("nan"), 0, f"failed: {type(exc).__name__}: {exc}"[:160])
     log(f"transformers serve: {seconds:.2f} s")

@@ -73,7 +73,8 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     add("--attention-backend", "auto, torch or triton (auto: the Triton kernels on cuda, the PyTorch "
         "reference elsewhere)", "auto", _backend, metavar="NAME")
     add("--max-num-seqs", "sequences in one batch at most", "64", _positive)
-    add("--max-num-batched-tokens", "tokens computed in one engine step at most", "2048", _positive)
+    add("--max-num-batched-tokens", "tokens computed in one engine step at most (default: 2048 on CUDA, 256 on "
+        "CPU, where smaller steps keep streams moving while long prompts arrive)", None, _positive)
     add("--max-queued-requests", "answer 429 when this many sequences (prompts x n) wait, 400 to a request with "
         "more (default: no limit)", type=_positive)
     add("--max-response-entries", "answer 400 to a request whose answer would hold more token entries (tokens x "

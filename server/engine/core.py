@@ -65,6 +65,7 @@ class EngineCore:
         self.max_model_len = min(
             config.max_model_len or model.config.max_position_embeddings, model.config.max_position_embeddings
         )
+        self.token_budget = config.token_budget(model.output_weight().device.type)
         num_blocks = _num_kv_blocks(config, model, self.max_model_len)
         if num_blocks * config.block_size < self.max_model_len:
             raise ValueError(
@@ -78,7 +79,7 @@ class EngineCore:
             num_blocks, config.block_size, config.enable_prefix_caching, record_events=self.kv_events is not None
         )
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len),
+            SchedulerConfig(config.max_num_seqs, self.token_budget, self.max_model_len),
             self.blocks,
         )
         self.runner = ModelRunner(model, num_blocks, config.block_size)
@@ -329,7 +330,7 @@ def _num_kv_blocks(config: EngineConfig, model: JetMoeForCausalLM, max_model_len
         graphs = not config.enforce_eager and model.kernels.cuda_graph_safe  # as decode_graphs_apply decides
         graph_batch = config.max_num_seqs if graphs else 0
         plan = plan_for_device(
-            model, config.max_num_batched_tokens, max_model_len, config.block_size, config.gpu_memory_utilization,
+            model, config.token_budget("cuda"), max_model_len, config.block_size, config.gpu_memory_utilization,
             graph_batch=graph_batch,
         )
         logger.info("memory: %s", plan.describe())
