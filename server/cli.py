@@ -191,14 +191,19 @@ def _port(value: str) -> int:
     return number
 
 
-def _seconds(value: str) -> float:
+def number_at_least(value: str, minimum: float, strict: bool, what: str) -> float:
+    """``value`` as a float ``> minimum`` (``strict``) or ``>= minimum``, else an argparse error naming ``what``."""
     try:
         number = float(value)
     except ValueError:
-        number = -1.0
-    if not number >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {value!r}")
+        number = float("nan")
+    if not (number > minimum if strict else number >= minimum):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}")
     return number
+
+
+def _seconds(value: str) -> float:
+    return number_at_least(value, 0, False, "a number of seconds >= 0")
 
 
 def _choice(value: str, choices: Sequence[str], what: str) -> str:

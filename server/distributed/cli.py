@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.cli import _positive, build_parser, env_name, fail, parse_args
+from server.cli import _positive, build_parser, env_name, fail, number_at_least, parse_args
 from server.distributed.replica import ReplicaSpec
 
 PROG = "python -m server.distributed"
@@ -148,23 +148,11 @@ def _count(value: str) -> int:
 
 
 def _positive_number(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        number = -1.0
-    if not number > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
-    return number
+    return number_at_least(value, 0, True, "a positive number")
 
 
 def _resource(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        number = -1.0
-    if not number >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}")
-    return number
+    return number_at_least(value, 0, False, "a number >= 0")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from model.tokenizer import Tokenizer
 from server.engine.config import EngineConfig
 from server.engine.llm_engine import LLMEngine
 from server.engine.sampling_params import SamplingParams
-from tests.support.engine import hf_greedy, run_engine, tokens_of
+from tests.support.engine import assert_all_blocks_free, assert_matches, hf_greedy, run_engine
 
 NUM_REQUESTS = 32
 
@@ -53,21 +53,6 @@ def submit_in_waves(engine: LLMEngine, requests, wave: int = 8, every: int = 3):
 
         arrivals[(start // wave) * every] = add
     return arrivals
-
-
-def assert_matches(outputs, requests) -> None:
-    assert len(outputs) == len(requests)
-    for rid, _, max_tokens, expected, trusted in requests:
-        deltas = outputs[(rid, 0)]
-        got = tokens_of(deltas)
-        assert len(got) == max_tokens and deltas[-1].finish_reason == "length"
-        assert got[:trusted] == expected[:trusted], rid
-    assert sum(t for *_, t in requests) > 0.8 * sum(m for _, _, m, _, _ in requests), "too many near-ties"
-
-
-def assert_all_blocks_free(engine: LLMEngine) -> None:
-    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
-    assert not engine.scheduler.running and not engine.scheduler.waiting
 
 
 def test_concurrent_greedy_matches_transformers(workload) -> None:

@@ -17,7 +17,7 @@ from server.engine.request import Request
 from server.engine.sampling_params import SamplingParams
 from server.engine.spec import SpeculativeConfig
 from server.engine.worker.decode_graphs import graph_batch_sizes
-from tests.support.engine import hf_greedy, run_engine, tokens_of
+from tests.support.engine import assert_all_blocks_free, assert_matches, hf_greedy, run_engine
 from tests.support.proposers import ReferenceProposer
 
 NUM_REQUESTS = 32
@@ -96,21 +96,6 @@ class KVWriteCheck:
     def _slot(self, request: Request, position: int) -> int:
         size = self.engine.blocks.block_size
         return request.block_ids[position // size] * size + position % size
-
-
-def assert_matches(outputs, requests) -> None:
-    assert len(outputs) == len(requests)
-    for rid, _, max_tokens, expected, trusted in requests:
-        deltas = outputs[(rid, 0)]
-        got = tokens_of(deltas)
-        assert len(got) == max_tokens and deltas[-1].finish_reason == "length"
-        assert got[:trusted] == expected[:trusted], rid
-    assert sum(t for *_, t in requests) > 0.8 * sum(m for _, _, m, _, _ in requests), "too many near-ties"
-
-
-def assert_all_blocks_free(engine: LLMEngine) -> None:
-    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
-    assert not engine.scheduler.running and not engine.scheduler.waiting
 
 
 @pytest.mark.parametrize(("k", "overrides"), [

@@ -6,7 +6,6 @@ from collections.abc import Callable
 
 import torch
 
-from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.llm_engine import LLMEngine
 from server.engine.request import Request, RequestOutput
 from server.engine.sampling_params import SamplingParams
@@ -50,11 +49,23 @@ def tokens_of(deltas: list[RequestOutput]) -> list[int]:
     return [t for d in deltas for t in d.new_token_ids]
 
 
-class _NoDetokenizer(IncrementalDetokenizer):
-    def __init__(self) -> None:  # the scheduler and the block manager never touch text
-        pass
-
-
 def make_request(tokens: list[int], rid: str = "r", index: int = 0, **params: object) -> Request:
     """A bare engine ``Request`` for scheduler and block-manager tests (no tokenizer behind it)."""
-    return Request(rid, index, list(tokens), SamplingParams(**params), _NoDetokenizer())  # type: ignore[arg-type]
+    return Request(rid, index, list(tokens), SamplingParams(**params))
+
+
+def assert_matches(outputs, requests) -> None:
+    """Each request ``(id, prompt, max_tokens, expected, trusted)`` got ``max_tokens`` tokens ending on length,
+    the first ``trusted`` equal to ``expected``; near-ties cut at most a fifth of the tokens."""
+    assert len(outputs) == len(requests)
+    for rid, _, max_tokens, expected, trusted in requests:
+        deltas = outputs[(rid, 0)]
+        got = tokens_of(deltas)
+        assert len(got) == max_tokens and deltas[-1].finish_reason == "length"
+        assert got[:trusted] == expected[:trusted], rid
+    assert sum(t for *_, t in requests) > 0.8 * sum(m for _, _, m, _, _ in requests), "too many near-ties"
+
+
+def assert_all_blocks_free(engine: LLMEngine) -> None:
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+    assert not engine.scheduler.running and not engine.scheduler.waiting
